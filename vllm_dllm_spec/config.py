@@ -1,0 +1,132 @@
+"""Typed, validated knobs of the dLLM methods.
+
+One dict selects the method and its knobs, the same everywhere: `--additional-config
+'{"dllm_spec": {...}}'`, `LLM(additional_config={"dllm_spec": {...}})`, and per request
+`SamplingParams(extra_args={...})`. Every error names the parameter and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+REMASKING_STRATEGIES = (
+    "sequential",
+    "low_confidence_static",
+    "low_confidence_dynamic",
+    "entropy_bounded",
+)
+METHODS = ("block_diffusion",)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DenoiseParams:
+    """How one block is denoised: shared by the reference generator and the vLLM path."""
+
+    block_length: int = 4
+    denoising_steps: int = 4
+    remasking_strategy: str = "low_confidence_dynamic"
+    confidence_threshold: float = 0.85
+    eb_threshold: float = 0.35
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.block_length, int) and self.block_length >= 1,
+            f"block_length must be an integer >= 1, got {self.block_length!r}",
+        )
+        _require(
+            isinstance(self.denoising_steps, int)
+            and 1 <= self.denoising_steps <= self.block_length,
+            f"denoising_steps must be an integer in [1, block_length={self.block_length}], "
+            f"got {self.denoising_steps!r}",
+        )
+        _require(
+            self.remasking_strategy in REMASKING_STRATEGIES,
+            f"remasking_strategy must be one of {REMASKING_STRATEGIES}, "
+            f"got {self.remasking_strategy!r}",
+        )
+        _require(
+            isinstance(self.confidence_threshold, (int, float))
+            and 0.0 <= self.confidence_threshold <= 1.0,
+            f"confidence_threshold must be a number in [0, 1], got {self.confidence_threshold!r}",
+        )
+        _require(
+            isinstance(self.eb_threshold, (int, float)) and self.eb_threshold > 0.0,
+            f"eb_threshold must be a number > 0, got {self.eb_threshold!r}",
+        )
+
+    def num_transfer_tokens(self) -> list[int]:
+        """Tokens to unmask at each step: block_length // steps each, the remainder one each
+        to the first steps."""
+        base, rest = divmod(self.block_length, self.denoising_steps)
+        return [base + (1 if s < rest else 0) for s in range(self.denoising_steps)]
+
+
+@dataclass(frozen=True)
+class SamplingKnobs:
+    """temperature == 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.temperature, (int, float)) and self.temperature >= 0.0,
+            f"temperature must be a number >= 0, got {self.temperature!r}",
+        )
+        _require(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}",
+        )
+        _require(
+            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be a number in (0, 1], got {self.top_p!r}",
+        )
+
+
+@dataclass(frozen=True)
+class DLLMSpecConfig:
+    """The `dllm_spec` option. Fields left out take the defaults (block_length: the model's)."""
+
+    method: str = "block_diffusion"
+    block_length: int | None = None
+    denoising_steps: int | None = None
+    remasking_strategy: str = "low_confidence_dynamic"
+    confidence_threshold: float = 0.85
+    eb_threshold: float = 0.35
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        # Validate the shared knobs now; without a block_length the model's block size is not
+        # known yet, so steps are checked against it later (denoise_params).
+        steps = self.denoising_steps
+        _require(
+            steps is None or (isinstance(steps, int) and steps >= 1),
+            f"denoising_steps must be an integer >= 1, got {steps!r}",
+        )
+        self.denoise_params(self.block_length if self.block_length is not None else (steps or 1))
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> "DLLMSpecConfig":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        _require(not unknown, f"dllm_spec: unknown option(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**options)
+
+    def denoise_params(self, model_block_size: int) -> DenoiseParams:
+        block_length = self.block_length if self.block_length is not None else model_block_size
+        steps = self.denoising_steps if self.denoising_steps is not None else block_length
+        return DenoiseParams(
+            block_length=block_length,
+            denoising_steps=steps,
+            remasking_strategy=self.remasking_strategy,
+            confidence_threshold=self.confidence_threshold,
+            eb_threshold=self.eb_threshold,
+        )

@@ -1,0 +1,18 @@
+"""The `sdar` model type for transformers' AutoConfig (SDAR checkpoints load without
+trust_remote_code). SDAR is Qwen3 weights plus block-diffusion fields."""
+from __future__ import annotations
+
+from transformers import AutoConfig, Qwen3Config
+
+
+class SDARConfig(Qwen3Config):
+    model_type = "sdar"
+
+    def __init__(self, block_size: int = 4, mask_token_id: int | None = None, **kwargs):
+        self.block_size = block_size
+        self.mask_token_id = mask_token_id
+        super().__init__(**kwargs)
+
+
+def register_with_transformers() -> None:
+    AutoConfig.register("sdar", SDARConfig, exist_ok=True)

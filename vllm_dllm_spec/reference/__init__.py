@@ -1,0 +1,5 @@
+"""The pure-PyTorch oracle: SDAR model and block-diffusion generation."""
+from vllm_dllm_spec.reference.generate import GenerateOutput, block_causal_mask, generate
+from vllm_dllm_spec.reference.model import KVCache, SDARArchConfig, SDARModel
+
+__all__ = ["GenerateOutput", "KVCache", "SDARArchConfig", "SDARModel", "block_causal_mask", "generate"]

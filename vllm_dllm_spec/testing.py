@@ -1,0 +1,144 @@
+"""Tiny random SDAR checkpoints in HF format, for tests and examples.
+
+Real files on the real loading path: config.json (model_type "sdar"), model.safetensors, and a
+byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json with a chat template).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+EOS_TOKEN = "<|endoftext|>"
+MASK_TOKEN = "<|mask|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_TOKENIZER_TEXT = """
+def block_diffusion(model, prompt, steps):
+    for block in range(num_blocks):
+        logits = model(tokens, positions, mask)
+        confidence, token = logits.softmax(-1).max(-1)
+    return tokens
+The quick brown fox jumps over the lazy dog. Speculative decoding drafts tokens and verifies
+them in one forward. class Request: def __init__(self, prompt): self.prompt = prompt
+import torch, json, os; print("hello world", 42, [1, 2, 3], {"key": "value"})
+"""
+
+
+def build_tokenizer(out_dir: str | Path, text: str = _TOKENIZER_TEXT, vocab_size: int = 512):
+    """Byte-level BPE with eos and a dedicated mask token; returns the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, MASK_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        mask_token=MASK_TOKEN,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def sdar_config_dict(
+    vocab_size: int,
+    eos_token_id: int,
+    mask_token_id: int,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    head_dim: int = 32,
+    block_size: int = 4,
+    tie_word_embeddings: bool = False,
+    rope_theta: float = 10000.0,
+    max_position_embeddings: int = 2048,
+    dtype: str = "float32",
+) -> dict:
+    return {
+        "architectures": ["SDARForCausalLM"],
+        "model_type": "sdar",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": rope_theta,
+        "max_position_embeddings": max_position_embeddings,
+        "tie_word_embeddings": tie_word_embeddings,
+        "attention_bias": False,
+        "block_size": block_size,
+        "mask_token_id": mask_token_id,
+        "eos_token_id": eos_token_id,
+        "bos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id,
+        "torch_dtype": dtype,
+    }
+
+
+def write_checkpoint(out_dir: str | Path, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    gen = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def make_random_sdar_checkpoint(
+    out_dir: str | Path,
+    *,
+    block_size: int = 4,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    weight_std: float = 0.2,
+    **arch,
+) -> str:
+    """Writes a tiny random SDAR checkpoint; returns its path. Weights are drawn with a large
+    std so logits are peaked (greedy argmax ties are then practically impossible)."""
+    from vllm_dllm_spec.reference.model import SDARArchConfig, SDARModel
+
+    out = Path(out_dir)
+    tok = build_tokenizer(out)
+    cfg = sdar_config_dict(
+        len(tok),
+        tok.convert_tokens_to_ids(EOS_TOKEN),
+        tok.convert_tokens_to_ids(MASK_TOKEN),
+        block_size=block_size,
+        tie_word_embeddings=tie_word_embeddings,
+        **arch,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model = SDARModel(SDARArchConfig.from_dict(cfg))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("norm.weight"):
+            state[name] = 1.0 + 0.1 * torch.randn(tensor.shape, generator=gen)
+        else:
+            state[name] = weight_std * torch.randn(tensor.shape, generator=gen)
+    write_checkpoint(out, cfg, state)
+    return str(out)
