@@ -1,0 +1,110 @@
+// Host-side argument checks shared by the CPU and CUDA implementations (shapes and dtypes only;
+// value checks that need the data live in the CPU implementation, see docs/CONTRACTS.md).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace dllm_spec {
+
+inline void check_int64(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK(a.device() == b.device(), name, " is on ", b.device(), ", expected ", a.device());
+}
+
+inline void check_ref_token_mask(const at::Tensor& qsl, const at::Tensor& kind,
+                                 const at::Tensor& step, const at::Tensor& blk, int64_t max_q) {
+  check_int64(qsl, "query_start_loc", 1);
+  check_int64(kind, "kind", 1);
+  check_int64(step, "step", 1);
+  check_int64(blk, "block_idx", 1);
+  TORCH_CHECK(qsl.numel() >= 1, "query_start_loc must have num_reqs + 1 >= 1 entries");
+  TORCH_CHECK(step.numel() == kind.numel() && blk.numel() == kind.numel(),
+              "kind, step, block_idx must have the same length");
+  TORCH_CHECK(max_q >= 0, "max_q must be >= 0");
+  check_same_device(qsl, kind, "kind");
+  check_same_device(qsl, step, "step");
+  check_same_device(qsl, blk, "block_idx");
+}
+
+// Returns (num_reqs, max_k).
+inline std::pair<int64_t, int64_t> check_match_inputs(const at::Tensor& draft,
+                                                      const at::Tensor& num_draft,
+                                                      const at::Tensor& target,
+                                                      const at::Tensor& num_target) {
+  check_int64(draft, "draft_token_ids", 2);
+  check_int64(num_draft, "num_draft", 1);
+  check_int64(target, "target_token_ids", 2);
+  check_int64(num_target, "num_target", 1);
+  const int64_t R = draft.size(0), K = draft.size(1);
+  TORCH_CHECK(num_draft.size(0) == R && num_target.size(0) == R,
+              "num_draft and num_target must have num_reqs = ", R, " entries");
+  TORCH_CHECK(target.size(0) == R && target.size(1) == K + 1,
+              "target_token_ids must be [num_reqs, max_k + 1] = [", R, ", ", K + 1, "], got ",
+              target.sizes());
+  check_same_device(draft, num_draft, "num_draft");
+  check_same_device(draft, target, "target_token_ids");
+  check_same_device(draft, num_target, "num_target");
+  return {R, K};
+}
+
+// Returns (num_reqs, max_k, vocab).
+inline std::tuple<int64_t, int64_t, int64_t> check_rejection_inputs(
+    const at::Tensor& draft, const at::Tensor& num_draft, const at::Tensor& draft_probs,
+    const at::Tensor& target_probs, const at::Tensor& num_target, const at::Tensor& u_acc,
+    const at::Tensor& u_rec) {
+  check_int64(draft, "draft_token_ids", 2);
+  check_int64(num_draft, "num_draft", 1);
+  check_int64(num_target, "num_target", 1);
+  const int64_t R = draft.size(0), K = draft.size(1);
+  TORCH_CHECK(draft_probs.dim() == 3 && target_probs.dim() == 3,
+              "draft_probs and target_probs must be 3-D");
+  const int64_t V = target_probs.size(2);
+  TORCH_CHECK(draft_probs.size(0) == R && draft_probs.size(1) == K && draft_probs.size(2) == V,
+              "draft_probs must be [num_reqs, max_k, V] = [", R, ", ", K, ", ", V, "], got ",
+              draft_probs.sizes());
+  TORCH_CHECK(target_probs.size(0) == R && target_probs.size(1) == K + 1,
+              "target_probs must be [num_reqs, max_k + 1, V], got ", target_probs.sizes());
+  const auto dt = target_probs.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "probs must be float32 or float64, got ", dt);
+  TORCH_CHECK(draft_probs.scalar_type() == dt && u_acc.scalar_type() == dt &&
+                  u_rec.scalar_type() == dt,
+              "draft_probs, target_probs, uniform_accept, uniform_recover must share one dtype");
+  TORCH_CHECK(num_draft.size(0) == R && num_target.size(0) == R,
+              "num_draft and num_target must have num_reqs entries");
+  TORCH_CHECK(u_acc.dim() == 2 && u_acc.size(0) == R && u_acc.size(1) == K,
+              "uniform_accept must be [num_reqs, max_k], got ", u_acc.sizes());
+  TORCH_CHECK(u_rec.dim() == 1 && u_rec.size(0) == R, "uniform_recover must be [num_reqs]");
+  for (const at::Tensor* t : {&num_draft, &draft_probs, &target_probs, &num_target, &u_acc, &u_rec}) {
+    check_same_device(draft, *t, "rejection_sample input");
+  }
+  return {R, K, V};
+}
+
+// Returns (num_reqs, max_nodes, L).
+inline std::tuple<int64_t, int64_t, int64_t> check_hier_inputs(const at::Tensor& base,
+                                                               const at::Tensor& nodes,
+                                                               const at::Tensor& parent,
+                                                               const at::Tensor& num_nodes,
+                                                               const at::Tensor& verify) {
+  check_int64(base, "base_tokens", 2);
+  check_int64(nodes, "node_tokens", 3);
+  check_int64(parent, "parent", 2);
+  check_int64(num_nodes, "num_nodes", 1);
+  check_int64(verify, "verify_tokens", 2);
+  const int64_t R = base.size(0), L = base.size(1), N = nodes.size(1);
+  TORCH_CHECK(nodes.size(0) == R && nodes.size(2) == L,
+              "node_tokens must be [num_reqs, max_nodes, L] with L = ", L, ", got ", nodes.sizes());
+  TORCH_CHECK(parent.size(0) == R && parent.size(1) == N, "parent must be [num_reqs, max_nodes]");
+  TORCH_CHECK(num_nodes.size(0) == R, "num_nodes must be [num_reqs]");
+  TORCH_CHECK(verify.size(0) == R && verify.size(1) == L, "verify_tokens must be [num_reqs, L]");
+  for (const at::Tensor* t : {&nodes, &parent, &num_nodes, &verify}) {
+    check_same_device(base, *t, "hierarchical_accept input");
+  }
+  return {R, N, L};
+}
+
+}  // namespace dllm_spec

@@ -1,0 +1,226 @@
+// CPU implementations of the dllm_spec operators (one loop nest per request, parallel over
+// requests with at::parallel_for). Semantics: docs/CONTRACTS.md, "csrc operators".
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../dllm_spec.h"
+
+namespace dllm_spec {
+namespace {
+
+at::Tensor ref_token_mask_cpu(const at::Tensor& query_start_loc, const at::Tensor& kind,
+                              const at::Tensor& step, const at::Tensor& block_idx,
+                              int64_t max_q) {
+  check_ref_token_mask(query_start_loc, kind, step, block_idx, max_q);
+  const auto qsl_t = query_start_loc.contiguous();
+  const auto kind_t = kind.contiguous(), step_t = step.contiguous(), blk_t = block_idx.contiguous();
+  const int64_t R = qsl_t.numel() - 1, T = kind_t.numel();
+  const int64_t* qsl = qsl_t.data_ptr<int64_t>();
+  TORCH_CHECK(qsl[0] == 0 && qsl[R] == T, "query_start_loc must start at 0 and end at num_tokens = ",
+              T, ", got ", qsl[0], " .. ", qsl[R]);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(qsl[r + 1] >= qsl[r], "query_start_loc must be non-decreasing");
+  }
+  auto out = at::zeros({T, max_q}, kind.options().dtype(at::kBool));  // [num_tokens, max_q]
+  if (T == 0 || max_q == 0) return out;
+  const int64_t* kd = kind_t.data_ptr<int64_t>();
+  const int64_t* st = step_t.data_ptr<int64_t>();
+  const int64_t* bk = blk_t.data_ptr<int64_t>();
+  bool* o = out.data_ptr<bool>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (T / std::max<int64_t>(R, 1)) * max_q));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = qsl[r], n = qsl[r + 1] - s, ncol = std::min(n, max_q);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t q = s + i;
+        bool* row = o + q * max_q;
+        const int64_t kq = kd[q], sq = st[q], bq = bk[q];
+        for (int64_t j = 0; j < ncol; ++j) {
+          const int64_t k = s + j;
+          row[j] = ref_visible(kq, sq, bq, kd[k], st[k], bk[k]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> greedy_match_cpu(const at::Tensor& draft_token_ids,
+                                                    const at::Tensor& num_draft,
+                                                    const at::Tensor& target_token_ids,
+                                                    const at::Tensor& num_target) {
+  const auto [R, K] = check_match_inputs(draft_token_ids, num_draft, target_token_ids, num_target);
+  const auto dr_t = draft_token_ids.contiguous(), tg_t = target_token_ids.contiguous();
+  const auto nd_t = num_draft.contiguous(), nt_t = num_target.contiguous();
+  auto accepted = at::empty({R}, num_draft.options());    // [num_reqs]
+  auto next_token = at::empty({R}, num_draft.options());  // [num_reqs]
+  const int64_t *dr = dr_t.data_ptr<int64_t>(), *tg = tg_t.data_ptr<int64_t>();
+  const int64_t *nd = nd_t.data_ptr<int64_t>(), *nt = nt_t.data_ptr<int64_t>();
+  int64_t *acc = accepted.data_ptr<int64_t>(), *nxt = next_token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(nd[r] >= 0 && nd[r] <= K, "num_draft[", r, "] = ", nd[r], " outside [0, ", K, "]");
+    TORCH_CHECK(nt[r] >= 0 && nt[r] <= K + 1, "num_target[", r, "] = ", nt[r], " outside [0, ", K + 1, "]");
+  }
+  at::parallel_for(0, R, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t lim = std::min(nd[r], nt[r]);
+      const int64_t* d = dr + r * K;
+      const int64_t* t = tg + r * (K + 1);
+      int64_t a = 0;
+      while (a < lim && d[a] == t[a]) ++a;
+      acc[r] = a;
+      nxt[r] = a < nt[r] ? t[a] : -1;
+    }
+  });
+  return {accepted, next_token};
+}
+
+// Inverse-CDF sample over the quantized weights of `w(v)`; returns -1 when they sum to 0.
+template <typename F>
+int64_t sample_quantized(int64_t V, double u, F w) {
+  int64_t total = 0;
+  for (int64_t v = 0; v < V; ++v) total += quantize_prob(w(v));
+  if (total <= 0) return -1;
+  const int64_t thr = cdf_threshold(total, u);
+  int64_t cum = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    cum += quantize_prob(w(v));
+    if (cum > thr) return v;
+  }
+  return V - 1;  // unreachable: thr < total
+}
+
+template <typename scalar_t>
+void rejection_sample_kernel(int64_t R, int64_t K, int64_t V, const int64_t* dr, const int64_t* nd,
+                             const scalar_t* pd, const scalar_t* pt, const int64_t* nt,
+                             const scalar_t* ua, const scalar_t* ur, int64_t* acc, int64_t* nxt) {
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t lim = std::min(nd[r], nt[r]);
+      int64_t a = 0;
+      for (; a < lim; ++a) {
+        const int64_t x = dr[r * K + a];
+        const scalar_t p = pt[(r * (K + 1) + a) * V + x];
+        const scalar_t q = pd[(r * K + a) * V + x];
+        const scalar_t ratio = p / q;  // IEEE: p/0 = inf (accept), 0/0 = nan (reject)
+        if (!(ua[r * K + a] < ratio)) break;
+      }
+      acc[r] = a;
+      const double u = static_cast<double>(ur[r]);
+      const scalar_t* tp = pt + (r * (K + 1) + a) * V;
+      int64_t tok = -1;
+      if (a < lim) {  // rejected at a: recover from max(0, p_target - p_draft), else p_target
+        const scalar_t* dp = pd + (r * K + a) * V;
+        tok = sample_quantized(V, u, [&](int64_t v) {
+          const scalar_t diff = tp[v] - dp[v];
+          return static_cast<double>(diff > scalar_t(0) ? diff : scalar_t(0));
+        });
+        if (tok < 0) tok = sample_quantized(V, u, [&](int64_t v) { return static_cast<double>(tp[v]); });
+      } else if (a < nt[r]) {  // all verifiable drafts accepted: bonus from p_target
+        tok = sample_quantized(V, u, [&](int64_t v) { return static_cast<double>(tp[v]); });
+      }
+      nxt[r] = tok;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rejection_sample_cpu(
+    const at::Tensor& draft_token_ids, const at::Tensor& num_draft, const at::Tensor& draft_probs,
+    const at::Tensor& target_probs, const at::Tensor& num_target, const at::Tensor& uniform_accept,
+    const at::Tensor& uniform_recover) {
+  const auto [R, K, V] = check_rejection_inputs(draft_token_ids, num_draft, draft_probs, target_probs,
+                                                num_target, uniform_accept, uniform_recover);
+  const auto dr_t = draft_token_ids.contiguous(), nd_t = num_draft.contiguous();
+  const auto nt_t = num_target.contiguous();
+  const auto pd_t = draft_probs.contiguous(), pt_t = target_probs.contiguous();
+  const auto ua_t = uniform_accept.contiguous(), ur_t = uniform_recover.contiguous();
+  const int64_t *dr = dr_t.data_ptr<int64_t>(), *nd = nd_t.data_ptr<int64_t>();
+  const int64_t* nt = nt_t.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(nd[r] >= 0 && nd[r] <= K, "num_draft[", r, "] = ", nd[r], " outside [0, ", K, "]");
+    TORCH_CHECK(nt[r] >= 0 && nt[r] <= K + 1, "num_target[", r, "] = ", nt[r], " outside [0, ", K + 1, "]");
+    for (int64_t i = 0; i < std::min(nd[r], nt[r]); ++i) {
+      const int64_t x = dr[r * K + i];
+      TORCH_CHECK(x >= 0 && x < V, "draft_token_ids[", r, ", ", i, "] = ", x, " outside [0, ", V, ")");
+    }
+  }
+  auto accepted = at::empty({R}, num_draft.options());    // [num_reqs]
+  auto next_token = at::empty({R}, num_draft.options());  // [num_reqs]
+  AT_DISPATCH_FLOATING_TYPES(target_probs.scalar_type(), "rejection_sample_cpu", [&] {
+    rejection_sample_kernel<scalar_t>(R, K, V, dr, nd, pd_t.data_ptr<scalar_t>(),
+                                      pt_t.data_ptr<scalar_t>(), nt, ua_t.data_ptr<scalar_t>(),
+                                      ur_t.data_ptr<scalar_t>(), accepted.data_ptr<int64_t>(),
+                                      next_token.data_ptr<int64_t>());
+  });
+  return {accepted, next_token};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_accept_cpu(
+    const at::Tensor& base_tokens, const at::Tensor& node_tokens, const at::Tensor& parent,
+    const at::Tensor& num_nodes, const at::Tensor& verify_tokens, int64_t mask_id) {
+  const auto [R, N, L] = check_hier_inputs(base_tokens, node_tokens, parent, num_nodes, verify_tokens);
+  const auto base_c = base_tokens.contiguous(), nodes_c = node_tokens.contiguous();
+  const auto par_c = parent.contiguous(), nn_c = num_nodes.contiguous(), ver_c = verify_tokens.contiguous();
+  const int64_t *base = base_c.data_ptr<int64_t>(), *nodes = nodes_c.data_ptr<int64_t>();
+  const int64_t *par = par_c.data_ptr<int64_t>(), *nn = nn_c.data_ptr<int64_t>();
+  const int64_t* ver = ver_c.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(nn[r] >= 0 && nn[r] <= N, "num_nodes[", r, "] = ", nn[r], " outside [0, ", N, "]");
+    for (int64_t i = 0; i < nn[r]; ++i) {
+      const int64_t p = par[r * N + i];
+      TORCH_CHECK(p >= -1 && p < i, "parent[", r, ", ", i, "] = ", p, " must be in [-1, ", i - 1, "]");
+    }
+  }
+  auto out_node = at::empty({R}, num_nodes.options());   // [num_reqs]
+  auto out_depth = at::empty({R}, num_nodes.options());  // [num_reqs]
+  auto out_new = at::empty({R}, num_nodes.options());    // [num_reqs]
+  int64_t *on = out_node.data_ptr<int64_t>(), *od = out_depth.data_ptr<int64_t>();
+  int64_t* onew = out_new.data_ptr<int64_t>();
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> depth(N);  // 0 = not on an all-consistent path
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t* b = base + r * L;
+      const int64_t* vt = ver + r * L;
+      int64_t best = -1, best_depth = 0;
+      for (int64_t i = 0; i < nn[r]; ++i) {
+        const int64_t p = par[r * N + i];
+        const int64_t pd = p < 0 ? 0 : depth[p];
+        depth[i] = 0;
+        if (p >= 0 && pd == 0) continue;  // an ancestor is inconsistent
+        const int64_t* s = nodes + (r * N + i) * L;
+        bool ok = true;
+        for (int64_t j = 0; j < L && ok; ++j) {
+          ok = !(b[j] == mask_id && s[j] != mask_id && s[j] != vt[j]);
+        }
+        if (!ok) continue;
+        depth[i] = pd + 1;
+        if (depth[i] > best_depth) best_depth = depth[i], best = i;
+      }
+      int64_t num_new = 0;
+      if (best >= 0) {
+        const int64_t* s = nodes + (r * N + best) * L;
+        for (int64_t j = 0; j < L; ++j) num_new += (b[j] == mask_id && s[j] != mask_id);
+      }
+      on[r] = best;
+      od[r] = best_depth;
+      onew[r] = num_new;
+    }
+  });
+  return {out_node, out_depth, out_new};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dllm_spec, CPU, m) {
+  m.impl("ref_token_mask", &ref_token_mask_cpu);
+  m.impl("greedy_match", &greedy_match_cpu);
+  m.impl("rejection_sample", &rejection_sample_cpu);
+  m.impl("hierarchical_accept", &hierarchical_accept_cpu);
+}
+
+}  // namespace dllm_spec

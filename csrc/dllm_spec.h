@@ -1,0 +1,53 @@
+// Shared definitions of the dllm_spec operators (CPU and CUDA).
+//
+// Semantics of every operator are specified in docs/CONTRACTS.md, section "csrc operators";
+// the PyTorch twins `*_ref` in vllm_dllm_spec/ops.py are the executable specification.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DLLM_HD __host__ __device__ __forceinline__
+#else
+#define DLLM_HD inline
+#endif
+
+namespace dllm_spec {
+
+// Token kinds of the SimSD verify layout.
+constexpr int64_t kKindData = 0;
+constexpr int64_t kKindMask = 1;
+
+// Fixed-point scale used to quantize probabilities before inverse-CDF sampling: weight
+// W = floor(w * 2^32) as int64. Integer sums are associative, so the sampled token does not
+// depend on summation order (CPU loop, CUDA block scan, torch.cumsum all agree).
+constexpr double kProbScale = 4294967296.0;  // 2^32
+
+// SimSD reference-token visibility of key k for query q, both in the same request's query
+// region (the cached prefix is always visible and is not described here).
+//   kind: 0 = draft data token, 1 = mask copy; step: label; blk: draft block index in the round.
+// Same block:  data@t sees data with label <= t and mask copies with label > t;
+//              mask@t sees data with label <  t and mask copies with label >= t.
+// Earlier block: only its data tokens.  Later block: nothing.
+DLLM_HD bool ref_visible(int64_t kind_q, int64_t step_q, int64_t blk_q,
+                         int64_t kind_k, int64_t step_k, int64_t blk_k) {
+  if (blk_k > blk_q) return false;
+  if (blk_k < blk_q) return kind_k == kKindData;
+  if (kind_q == kKindData) {
+    return kind_k == kKindData ? step_k <= step_q : step_k > step_q;
+  }
+  return kind_k == kKindData ? step_k < step_q : step_k >= step_q;
+}
+
+// Quantized sampling weight of a probability-like value w >= 0.
+DLLM_HD int64_t quantize_prob(double w) {
+  return w > 0.0 ? static_cast<int64_t>(floor(w * kProbScale)) : 0;
+}
+
+// Inverse-CDF threshold: the sampled index is the first v with cumsum(W)[v] > threshold.
+DLLM_HD int64_t cdf_threshold(int64_t total, double u) {
+  return static_cast<int64_t>(floor(static_cast<double>(total) * u));
+}
+
+}  // namespace dllm_spec
