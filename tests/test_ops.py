@@ -440,7 +440,11 @@ def nvcc_compile_command(src: str, out: str) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     incs = include_paths() + [sysconfig.get_paths()["include"]]
-    return ["nvcc", "-c", src, "-o", out, "-std=c++17", "-O1", "-DDLLM_SPEC_WITH_CUDA=1",
+    # A CPU build of torch ships the c10/cuda and ATen/cuda headers but not the generated
+    # c10/cuda/impl/cuda_cmake_macros.h (it only sets Windows DLL-export macros): skip it there.
+    has_cmake_macros = any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in incs)
+    extra = [] if has_cmake_macros else ["-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
+    return ["nvcc", "-c", src, "-o", out, "-std=c++17", "-O1", "-DDLLM_SPEC_WITH_CUDA=1", *extra,
             "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI)),
             "-DTORCH_EXTENSION_NAME=_C", "-arch=sm_90", "-Xcompiler", "-fPIC",
             "--expt-relaxed-constexpr", *[f"-I{p}" for p in incs]]

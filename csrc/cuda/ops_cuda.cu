@@ -1,0 +1,305 @@
+// CUDA implementations of the dllm_spec operators. Built only when nvcc and a CUDA torch exist
+// (setup.py). Semantics: docs/CONTRACTS.md, "csrc operators"; every kernel must equal the
+// PyTorch twin `*_ref` in vllm_dllm_spec/ops.py exactly (integer/bool outputs).
+// Value checks that need the data on the host (query_start_loc monotonic, counts in range,
+// parent[i] < i, draft ids < V) are done by the CPU kernels only; on CUDA, out-of-contract
+// values give unspecified (but memory-safe where cheap) results.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuBLAS/cuSPARSE headers
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../dllm_spec.h"
+
+namespace dllm_spec {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// 1. reference-token mask: one thread per output element (row q, local key column j)
+// ---------------------------------------------------------------------------------------------
+__global__ void ref_token_mask_kernel(const int64_t* __restrict__ qsl, int64_t R,
+                                      const int64_t* __restrict__ kind,
+                                      const int64_t* __restrict__ step,
+                                      const int64_t* __restrict__ blk, int64_t T, int64_t max_q,
+                                      bool* __restrict__ out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= T * max_q) return;
+  const int64_t q = idx / max_q, j = idx % max_q;
+  // request of row q: the last r with qsl[r] <= q (binary search over num_reqs + 1 offsets)
+  int64_t lo = 0, hi = R;  // invariant: qsl[lo] <= q < qsl[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (qsl[mid] <= q) lo = mid; else hi = mid;
+  }
+  const int64_t s = qsl[lo], n = qsl[lo + 1] - s;
+  bool v = false;
+  if (j < n) {
+    const int64_t k = s + j;
+    v = ref_visible(kind[q], step[q], blk[q], kind[k], step[k], blk[k]);
+  }
+  out[idx] = v;
+}
+
+at::Tensor ref_token_mask_cuda(const at::Tensor& query_start_loc, const at::Tensor& kind,
+                               const at::Tensor& step, const at::Tensor& block_idx,
+                               int64_t max_q) {
+  check_ref_token_mask(query_start_loc, kind, step, block_idx, max_q);
+  const c10::cuda::OptionalCUDAGuard guard(kind.device());
+  const auto qsl = query_start_loc.contiguous();
+  const auto kd = kind.contiguous(), st = step.contiguous(), bk = block_idx.contiguous();
+  const int64_t R = qsl.numel() - 1, T = kd.numel();
+  auto out = at::empty({T, max_q}, kind.options().dtype(at::kBool));  // [num_tokens, max_q]
+  const int64_t total = T * max_q;
+  if (total == 0 || R <= 0) return out.zero_();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  ref_token_mask_kernel<<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
+      qsl.data_ptr<int64_t>(), R, kd.data_ptr<int64_t>(), st.data_ptr<int64_t>(),
+      bk.data_ptr<int64_t>(), T, max_q, out.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2a. greedy_match: one thread per request
+// ---------------------------------------------------------------------------------------------
+__global__ void greedy_match_kernel(const int64_t* __restrict__ draft,
+                                    const int64_t* __restrict__ nd,
+                                    const int64_t* __restrict__ target,
+                                    const int64_t* __restrict__ nt, int64_t R, int64_t K,
+                                    int64_t* __restrict__ acc, int64_t* __restrict__ nxt) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= R) return;
+  const int64_t n_t = min(max(nt[r], int64_t(0)), K + 1);
+  const int64_t lim = min(min(max(nd[r], int64_t(0)), K), n_t);
+  const int64_t* d = draft + r * K;
+  const int64_t* t = target + r * (K + 1);
+  int64_t a = 0;
+  while (a < lim && d[a] == t[a]) ++a;
+  acc[r] = a;
+  nxt[r] = a < n_t ? t[a] : -1;
+}
+
+std::tuple<at::Tensor, at::Tensor> greedy_match_cuda(const at::Tensor& draft_token_ids,
+                                                     const at::Tensor& num_draft,
+                                                     const at::Tensor& target_token_ids,
+                                                     const at::Tensor& num_target) {
+  const auto [R, K] = check_match_inputs(draft_token_ids, num_draft, target_token_ids, num_target);
+  const c10::cuda::OptionalCUDAGuard guard(draft_token_ids.device());
+  const auto dr = draft_token_ids.contiguous(), tg = target_token_ids.contiguous();
+  const auto nd = num_draft.contiguous(), nt = num_target.contiguous();
+  auto accepted = at::empty({R}, num_draft.options());    // [num_reqs]
+  auto next_token = at::empty({R}, num_draft.options());  // [num_reqs]
+  if (R == 0) return {accepted, next_token};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  greedy_match_kernel<<<ceil_div(R, kThreads), kThreads, 0, stream>>>(
+      dr.data_ptr<int64_t>(), nd.data_ptr<int64_t>(), tg.data_ptr<int64_t>(),
+      nt.data_ptr<int64_t>(), R, K, accepted.data_ptr<int64_t>(), next_token.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {accepted, next_token};
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2b. rejection_sample: one thread block per request. Thread 0 runs the (short, sequential)
+// acceptance loop; the inverse-CDF sample over the vocab is exact in int64 fixed point: each
+// thread owns a contiguous vocab segment, segment sums are prefix-summed in shared memory, and
+// the one thread whose segment crosses the threshold scans it for the token.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__device__ __forceinline__ double weight_of(const scalar_t* tp, const scalar_t* dp, int64_t v) {
+  if (dp == nullptr) return static_cast<double>(tp[v]);
+  const scalar_t diff = tp[v] - dp[v];
+  return static_cast<double>(diff > scalar_t(0) ? diff : scalar_t(0));
+}
+
+// Block-wide inverse-CDF sample; every thread returns the same value (-1 when the weights are 0).
+template <typename scalar_t>
+__device__ int64_t block_sample(const scalar_t* tp, const scalar_t* dp, int64_t V, double u,
+                                long long* seg_sum /* [blockDim.x + 1] shared */,
+                                long long* result /* shared */) {
+  const int64_t seg = (V + blockDim.x - 1) / blockDim.x;
+  const int64_t lo = min(V, static_cast<int64_t>(threadIdx.x) * seg);
+  const int64_t hi = min(V, lo + seg);
+  long long s = 0;
+  for (int64_t v = lo; v < hi; ++v) s += quantize_prob(weight_of(tp, dp, v));
+  seg_sum[threadIdx.x + 1] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    seg_sum[0] = 0;
+    for (unsigned i = 1; i <= blockDim.x; ++i) seg_sum[i] += seg_sum[i - 1];  // inclusive
+    *result = -1;
+  }
+  __syncthreads();
+  const long long total = seg_sum[blockDim.x];
+  if (total > 0) {
+    const long long thr = cdf_threshold(total, u);
+    long long cum = seg_sum[threadIdx.x];
+    if (cum <= thr && thr < seg_sum[threadIdx.x + 1]) {  // exactly one thread: thr < total
+      for (int64_t v = lo; v < hi; ++v) {
+        cum += quantize_prob(weight_of(tp, dp, v));
+        if (cum > thr) { *result = v; break; }
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t out = *result;
+  __syncthreads();  // seg_sum / result may be reused by the next call
+  return out;
+}
+
+template <typename scalar_t>
+__global__ void rejection_sample_kernel(const int64_t* __restrict__ draft,
+                                        const int64_t* __restrict__ nd,
+                                        const scalar_t* __restrict__ pd,
+                                        const scalar_t* __restrict__ pt,
+                                        const int64_t* __restrict__ nt,
+                                        const scalar_t* __restrict__ ua,
+                                        const scalar_t* __restrict__ ur, int64_t K, int64_t V,
+                                        int64_t* __restrict__ acc, int64_t* __restrict__ nxt) {
+  extern __shared__ long long smem[];  // [blockDim.x + 1] segment sums, then 2 scalars
+  long long* seg_sum = smem;
+  long long* result = smem + blockDim.x + 1;
+  long long* accepted = smem + blockDim.x + 2;
+  const int64_t r = blockIdx.x;
+  const int64_t n_t = min(max(nt[r], int64_t(0)), K + 1);
+  const int64_t lim = min(min(max(nd[r], int64_t(0)), K), n_t);
+  if (threadIdx.x == 0) {
+    int64_t a = 0;
+    for (; a < lim; ++a) {
+      const int64_t x = draft[r * K + a];
+      if (x < 0 || x >= V) break;  // out of contract (checked on CPU); reject
+      const scalar_t ratio = pt[(r * (K + 1) + a) * V + x] / pd[(r * K + a) * V + x];
+      if (!(ua[r * K + a] < ratio)) break;  // IEEE: p/0 = inf accepts, 0/0 = nan rejects
+    }
+    *accepted = a;
+  }
+  __syncthreads();
+  const int64_t a = *accepted;
+  const double u = static_cast<double>(ur[r]);
+  const scalar_t* tp = pt + (r * (K + 1) + a) * V;
+  int64_t tok = -1;
+  if (a < lim) {
+    tok = block_sample<scalar_t>(tp, pd + (r * K + a) * V, V, u, seg_sum, result);
+    if (tok < 0) tok = block_sample<scalar_t>(tp, nullptr, V, u, seg_sum, result);
+  } else if (a < n_t) {
+    tok = block_sample<scalar_t>(tp, nullptr, V, u, seg_sum, result);
+  }
+  if (threadIdx.x == 0) {
+    acc[r] = a;
+    nxt[r] = tok;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
+    const at::Tensor& draft_token_ids, const at::Tensor& num_draft, const at::Tensor& draft_probs,
+    const at::Tensor& target_probs, const at::Tensor& num_target, const at::Tensor& uniform_accept,
+    const at::Tensor& uniform_recover) {
+  const auto [R, K, V] = check_rejection_inputs(draft_token_ids, num_draft, draft_probs,
+                                                target_probs, num_target, uniform_accept,
+                                                uniform_recover);
+  const c10::cuda::OptionalCUDAGuard guard(draft_token_ids.device());
+  const auto dr = draft_token_ids.contiguous(), nd = num_draft.contiguous();
+  const auto nt = num_target.contiguous();
+  const auto pd = draft_probs.contiguous(), pt = target_probs.contiguous();
+  const auto ua = uniform_accept.contiguous(), ur = uniform_recover.contiguous();
+  auto accepted = at::empty({R}, num_draft.options());    // [num_reqs]
+  auto next_token = at::empty({R}, num_draft.options());  // [num_reqs]
+  if (R == 0) return {accepted, next_token};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const size_t smem = (kThreads + 3) * sizeof(long long);
+  AT_DISPATCH_FLOATING_TYPES(pt.scalar_type(), "rejection_sample_cuda", [&] {
+    rejection_sample_kernel<scalar_t><<<R, kThreads, smem, stream>>>(
+        dr.data_ptr<int64_t>(), nd.data_ptr<int64_t>(), pd.data_ptr<scalar_t>(),
+        pt.data_ptr<scalar_t>(), nt.data_ptr<int64_t>(), ua.data_ptr<scalar_t>(),
+        ur.data_ptr<scalar_t>(), K, V, accepted.data_ptr<int64_t>(),
+        next_token.data_ptr<int64_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {accepted, next_token};
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. hierarchical_accept: one thread per request (max_nodes x L is small: <= a few hundred)
+// ---------------------------------------------------------------------------------------------
+__global__ void hierarchical_accept_kernel(const int64_t* __restrict__ base,
+                                           const int64_t* __restrict__ nodes,
+                                           const int64_t* __restrict__ parent,
+                                           const int64_t* __restrict__ num_nodes,
+                                           const int64_t* __restrict__ verify, int64_t R,
+                                           int64_t N, int64_t L, int64_t mask_id,
+                                           int64_t* __restrict__ depth /* [R, N] scratch */,
+                                           int64_t* __restrict__ out_node,
+                                           int64_t* __restrict__ out_depth,
+                                           int64_t* __restrict__ out_new) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= R) return;
+  const int64_t* b = base + r * L;
+  const int64_t* vt = verify + r * L;
+  int64_t* dep = depth + r * N;
+  const int64_t nn = min(max(num_nodes[r], int64_t(0)), N);
+  int64_t best = -1, best_depth = 0;
+  for (int64_t i = 0; i < nn; ++i) {
+    const int64_t p = parent[r * N + i];
+    const bool has_parent = p >= 0 && p < i;  // out-of-contract p >= i: treated as a root
+    const int64_t pd = has_parent ? dep[p] : 0;
+    dep[i] = 0;
+    if (has_parent && pd == 0) continue;  // an ancestor is inconsistent
+    const int64_t* s = nodes + (r * N + i) * L;
+    bool ok = true;
+    for (int64_t j = 0; j < L && ok; ++j) {
+      ok = !(b[j] == mask_id && s[j] != mask_id && s[j] != vt[j]);
+    }
+    if (!ok) continue;
+    dep[i] = pd + 1;
+    if (dep[i] > best_depth) { best_depth = dep[i]; best = i; }
+  }
+  int64_t num_new = 0;
+  if (best >= 0) {
+    const int64_t* s = nodes + (r * N + best) * L;
+    for (int64_t j = 0; j < L; ++j) num_new += (b[j] == mask_id && s[j] != mask_id);
+  }
+  out_node[r] = best;
+  out_depth[r] = best_depth;
+  out_new[r] = num_new;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_accept_cuda(
+    const at::Tensor& base_tokens, const at::Tensor& node_tokens, const at::Tensor& parent,
+    const at::Tensor& num_nodes, const at::Tensor& verify_tokens, int64_t mask_id) {
+  const auto [R, N, L] = check_hier_inputs(base_tokens, node_tokens, parent, num_nodes,
+                                           verify_tokens);
+  const c10::cuda::OptionalCUDAGuard guard(base_tokens.device());
+  const auto base = base_tokens.contiguous(), nodes = node_tokens.contiguous();
+  const auto par = parent.contiguous(), nn = num_nodes.contiguous();
+  const auto ver = verify_tokens.contiguous();
+  auto out_node = at::empty({R}, num_nodes.options());   // [num_reqs]
+  auto out_depth = at::empty({R}, num_nodes.options());  // [num_reqs]
+  auto out_new = at::empty({R}, num_nodes.options());    // [num_reqs]
+  if (R == 0) return {out_node, out_depth, out_new};
+  auto depth = at::empty({R, std::max<int64_t>(N, 1)}, num_nodes.options());  // scratch
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  hierarchical_accept_kernel<<<ceil_div(R, kThreads), kThreads, 0, stream>>>(
+      base.data_ptr<int64_t>(), nodes.data_ptr<int64_t>(), par.data_ptr<int64_t>(),
+      nn.data_ptr<int64_t>(), ver.data_ptr<int64_t>(), R, N, L, mask_id,
+      depth.data_ptr<int64_t>(), out_node.data_ptr<int64_t>(), out_depth.data_ptr<int64_t>(),
+      out_new.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out_node, out_depth, out_new};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dllm_spec, CUDA, m) {
+  m.impl("ref_token_mask", &ref_token_mask_cuda);
+  m.impl("greedy_match", &greedy_match_cuda);
+  m.impl("rejection_sample", &rejection_sample_cuda);
+  m.impl("hierarchical_accept", &hierarchical_accept_cuda);
+}
+
+}  // namespace dllm_spec
