@@ -1,8 +1,21 @@
 """The one module that touches vLLM internals. Checks the vLLM version and fails loudly on a
-mismatch (the internals it uses are not a public API)."""
+mismatch (the internals it uses are not a public API).
+
+What `install()` does (called by the plugin's `register()` in every vLLM process):
+- `_CONFIG_REGISTRY["sdar"] = SDARConfig`: SDAR checkpoints load without trust_remote_code.
+- `ModelRegistry.register_model("SDARForCausalLM", ...)` (lazy, by name).
+- `MODELS_CONFIG_MAP["SDARForCausalLM"] = SDARConfigHook`: vLLM calls the hook from
+  `VllmConfig.__post_init__`; it reads `additional_config["dllm_spec"]` (defaults when absent),
+  validates it against the model, and sets the scheduler, worker and speculative config.
+"""
 from __future__ import annotations
 
 SUPPORTED_VLLM = ("0.32.",)
+ARCHITECTURE = "SDARForCausalLM"
+SCHEDULER_CLS = "vllm_dllm_spec.scheduler.BlockDiffusionScheduler"
+WORKER_CLS = "vllm_dllm_spec.worker.DLLMWorker"
+PROPOSER_CLS = "vllm_dllm_spec.denoise.BlockDiffusionProposer"
+VALIDATOR_CLS = "vllm_dllm_spec.denoise:RequestKnobsValidator"
 
 
 def _check_version() -> str:
@@ -17,10 +30,90 @@ def _check_version() -> str:
     return version
 
 
+def configure(vllm_config) -> None:
+    """Applies the `dllm_spec` option (or its defaults) to a VllmConfig. Raises ValueError on a
+    bad option, naming the parameter and its allowed values."""
+    from vllm.config import SpeculativeConfig
+    from vllm.platforms import current_platform
+
+    from vllm_dllm_spec.config import DLLMSpecConfig
+
+    model_config = vllm_config.model_config
+    hf = model_config.hf_config
+    model_block = int(getattr(hf, "block_size", 0) or 0)
+    if model_block < 1 or getattr(hf, "mask_token_id", None) is None:
+        raise ValueError("SDAR config.json must set block_size (>= 1) and mask_token_id")
+    additional = vllm_config.additional_config
+    if additional is None:
+        additional = {}
+    if not isinstance(additional, dict):
+        raise ValueError(f"additional_config must be a dict, got {type(additional).__name__}")
+    options = additional.get("dllm_spec") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"additional_config['dllm_spec'] must be a dict, got {options!r}")
+    cfg = DLLMSpecConfig.from_dict(options)
+    params = cfg.denoise_params(model_block)
+    if params.block_length != model_block:
+        raise ValueError(
+            f"dllm_spec.block_length must be the block size the model was trained with "
+            f"({model_block}), got {params.block_length}"
+        )
+    # normalized, so every process (scheduler, workers) reads the same resolved knobs
+    additional["dllm_spec"] = {
+        "method": cfg.method,
+        "block_length": params.block_length,
+        "denoising_steps": params.denoising_steps,
+        "remasking_strategy": params.remasking_strategy,
+        "confidence_threshold": params.confidence_threshold,
+        "eb_threshold": params.eb_threshold,
+    }
+    vllm_config.additional_config = additional
+
+    if not current_platform.is_cpu():
+        raise NotImplementedError(
+            "vllm_dllm_spec: SDAR block diffusion inside vLLM runs on the CPU platform so far "
+            "(see docs/VLLM_PATH.md)"
+        )
+    cache_block = vllm_config.cache_config.block_size
+    if cache_block is not None and cache_block % model_block:
+        raise ValueError(
+            f"the KV cache block size ({cache_block}) must be a multiple of the SDAR block "
+            f"length ({model_block})"
+        )
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls is None or sched.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler":
+        sched.scheduler_cls = SCHEDULER_CLS
+    if vllm_config.parallel_config.worker_cls == "auto":
+        vllm_config.parallel_config.worker_cls = WORKER_CLS
+    if vllm_config.speculative_config is None:
+        vllm_config.speculative_config = SpeculativeConfig(
+            method="custom_class",
+            model=PROPOSER_CLS,
+            num_speculative_tokens=model_block,
+            target_model_config=model_config,
+            target_parallel_config=vllm_config.parallel_config,
+        )
+    from vllm_dllm_spec.denoise import RequestKnobsValidator
+
+    RequestKnobsValidator.context = (dict(additional["dllm_spec"]), model_block)
+    procs = list(model_config.logits_processors or [])
+    if VALIDATOR_CLS not in procs:
+        model_config.logits_processors = procs + [VALIDATOR_CLS]
+
+
 def install() -> None:
     _check_version()
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
     from vllm_dllm_spec.hf_config import SDARConfig
 
+    class SDARConfigHook(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            configure(vllm_config)
+
     _CONFIG_REGISTRY["sdar"] = SDARConfig
+    ModelRegistry.register_model(ARCHITECTURE, "vllm_dllm_spec.model:SDARForCausalLM")
+    MODELS_CONFIG_MAP[ARCHITECTURE] = SDARConfigHook

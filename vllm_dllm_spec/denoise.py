@@ -1,0 +1,301 @@
+"""Block-diffusion denoising inside vLLM: the batched per-step update and the per-request state.
+
+One engine step gives, for every running request, the logits at the non-prompt positions of its
+in-progress block (they travel as vLLM "draft" tokens: masks and already-unmasked tokens). This
+module turns them into the next state of each block, exactly as the reference
+(`vllm_dllm_spec.reference.generate`) does one denoising step:
+
+- predict: greedy -> argmax, confidence = untempered softmax prob; sampling -> logits / T,
+  top_k, top_p, sample; confidence = the sampled token's prob (reference `predict`).
+- select (`select_to_unmask`, batched over requests): sequential / low_confidence_static /
+  low_confidence_dynamic / entropy_bounded with the reference's stable tie-breaking.
+- when a block has no mask left its tokens are final: they become the request's output, and the
+  next step feeds the next block's masks (and re-feeds the finished block as its KV commit).
+
+`BlockDiffusionProposer` is the `custom_class` speculative proposer vLLM instantiates in the
+model runner; the runner (`vllm_dllm_spec.worker`) calls `denoise()` from its `_sample` and the
+proposer hands the resulting drafts to the scheduler through `propose()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from vllm_dllm_spec.config import REMASKING_STRATEGIES, DenoiseParams, DLLMSpecConfig, SamplingKnobs
+from vllm_dllm_spec.reference.generate import filter_top_k_top_p
+
+SEQUENTIAL, STATIC, DYNAMIC, ENTROPY = (REMASKING_STRATEGIES.index(s) for s in REMASKING_STRATEGIES)
+PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: "no token" in a SamplerOutput row
+
+# Per-request keys of SamplingParams.extra_args (server: vllm_xargs) that override the engine's
+# `dllm_spec` option for one request.
+REQUEST_KNOBS = ("method", "block_length", "denoising_steps", "remasking_strategy",
+                 "confidence_threshold", "eb_threshold")
+
+
+def resolve_request_params(
+    engine_options: Mapping[str, Any], extra_args: Mapping[str, Any] | None, model_block_size: int
+) -> DenoiseParams:
+    """Engine `dllm_spec` options overridden by a request's extra_args -> validated params.
+    Raises ValueError naming the parameter and its allowed values."""
+    merged = dict(engine_options)
+    for key in REQUEST_KNOBS:
+        if extra_args and key in extra_args:
+            merged[key] = extra_args[key]
+    cfg = DLLMSpecConfig.from_dict(merged)
+    params = cfg.denoise_params(model_block_size)
+    if params.block_length != model_block_size:
+        raise ValueError(
+            f"block_length must be the model's trained block size {model_block_size}, "
+            f"got {params.block_length!r}"
+        )
+    return params
+
+
+def predict_greedy(logits: torch.Tensor):
+    """logits [T, V] -> token [T], confidence [T], entropy [T] (reference `predict`, T=0)."""
+    probs = logits.float().softmax(-1)  # [T, V]
+    token = probs.argmax(-1)  # [T]
+    confidence = probs.gather(-1, token[:, None]).squeeze(-1)  # [T]
+    entropy = torch.special.entr(probs).sum(-1)  # [T]
+    return token, confidence, entropy
+
+
+def predict_sampled(logits: torch.Tensor, knobs: SamplingKnobs, generator: torch.Generator | None):
+    """One request's rows with temperature > 0: logits [T, V] -> token, confidence, entropy."""
+    probs = filter_top_k_top_p(logits.float() / knobs.temperature, knobs.top_k, knobs.top_p).softmax(-1)
+    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [T]
+    confidence = probs.gather(-1, token[:, None]).squeeze(-1)
+    entropy = torch.special.entr(probs).sum(-1)
+    return token, confidence, entropy
+
+
+def select_to_unmask(
+    strategy: torch.Tensor,  # [R] int64 strategy code
+    k: torch.Tensor,  # [R] int64 tokens to unmask this step (already min'd with the masks left)
+    threshold: torch.Tensor,  # [R] float32 confidence_threshold
+    eb_threshold: torch.Tensor,  # [R] float32
+    is_mask: torch.Tensor,  # [R, W] bool (padding columns False)
+    confidence: torch.Tensor,  # [R, W] float32
+    entropy: torch.Tensor,  # [R, W] float32
+) -> torch.Tensor:  # [R, W] bool, a non-empty subset of is_mask for every row with a mask
+    """Batched twin of `reference.generate.select_to_unmask` (same stable tie-breaking)."""
+    R, W = is_mask.shape
+    cols = torch.arange(W).expand(R, W)  # [R, W]
+    # rank of every column in "most confident first, lower position on ties" order
+    order = confidence.masked_fill(~is_mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    conf_rank = torch.empty_like(order).scatter_(1, order, cols)  # [R, W]
+    top_k = is_mask & (conf_rank < k[:, None])
+    seq_rank = is_mask.long().cumsum(1) - 1  # [R, W] rank among masks, left to right
+    leftmost_k = is_mask & (seq_rank < k[:, None])
+    confident = is_mask & (confidence > threshold[:, None])
+    dynamic = torch.where((confident.sum(1) >= k)[:, None], confident, top_k)
+    # entropy_bounded: longest low-entropy prefix with cumulative entropy <= eb, at least one
+    ent = entropy.masked_fill(~is_mask, float("inf"))
+    ent_order = ent.argsort(dim=1, stable=True)  # [R, W]
+    within = ent.gather(1, ent_order).cumsum(1) <= eb_threshold[:, None]
+    count = within.sum(1).clamp(min=1)  # [R]
+    ent_rank = torch.empty_like(ent_order).scatter_(1, ent_order, cols)
+    bounded = is_mask & (ent_rank < count[:, None])
+    s = strategy[:, None]
+    return torch.where(
+        s == SEQUENTIAL, leftmost_k,
+        torch.where(s == STATIC, top_k, torch.where(s == DYNAMIC, dynamic, bounded)),
+    )
+
+
+@dataclass
+class RequestState:
+    """Worker-side state of one request (identical on every TP rank)."""
+
+    params: DenoiseParams
+    knobs: SamplingKnobs
+    strategy: int
+    transfer: list[int]  # num_transfer_tokens per step
+    block_start: int = -1  # position of the in-progress block
+    step: int = 0  # denoising step within the in-progress block
+    unmasked_at: list[int] = field(default_factory=list)  # per draft column
+    step_map: list[int] = field(default_factory=list)  # finished tokens, reference semantics
+    num_forwards: int = 0
+
+
+class BlockDiffusionProposer:
+    """vLLM `custom_class` proposer for plain SDAR block diffusion.
+
+    Holds per-request state; `denoise()` (called by the runner's `_sample`) advances every block
+    one step and remembers the drafts (= next block state) that `propose()` returns.
+    """
+
+    def __init__(self, vllm_config):
+        hf = vllm_config.model_config.hf_config
+        self.block_length = int(hf.block_size)
+        self.mask_token_id = int(hf.mask_token_id)
+        self.vocab_size = int(hf.vocab_size)
+        self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
+        self.states: dict[str, RequestState] = {}
+        self._drafts: list[list[int]] = []
+
+    def load_model(self, target_model) -> None:  # CPUModelRunner.load_model calls this
+        pass
+
+    # -- request lifecycle -------------------------------------------------------------------
+    def state_for(self, req_id: str, sampling_params) -> RequestState:
+        st = self.states.get(req_id)
+        if st is None:
+            extra = getattr(sampling_params, "extra_args", None)
+            params = resolve_request_params(self.engine_options, extra, self.block_length)
+            temperature = float(sampling_params.temperature)
+            knobs = SamplingKnobs(
+                temperature=temperature if temperature > 1e-5 else 0.0,
+                top_k=max(int(sampling_params.top_k), 0),
+                top_p=float(sampling_params.top_p),
+            )
+            st = RequestState(
+                params=params, knobs=knobs,
+                strategy=REMASKING_STRATEGIES.index(params.remasking_strategy),
+                transfer=params.num_transfer_tokens(),
+            )
+            self.states[req_id] = st
+        return st
+
+    def drop(self, req_ids) -> None:
+        for r in req_ids:
+            self.states.pop(r, None)
+
+    # -- one step ----------------------------------------------------------------------------
+    def denoise(
+        self,
+        req_ids: list[str],  # batch order
+        sampling_params: list,  # per request
+        first_draft_pos: list[int],  # per request: position of its first draft token
+        num_drafts: list[int],  # per request (0: a prompt chunk, nothing to denoise)
+        draft_token_ids: torch.Tensor,  # [sum(num_drafts)] current block tokens (masks incl.)
+        draft_logits: torch.Tensor,  # [sum(num_drafts), V] logits AT the draft positions
+        generators: Mapping[int, torch.Generator],
+    ) -> torch.Tensor:  # [num_reqs, block_length] finished tokens, PLACEHOLDER elsewhere
+        B, mask_id = self.block_length, self.mask_token_id
+        num_reqs = len(req_ids)
+        out = torch.full((num_reqs, B), PLACEHOLDER, dtype=torch.int64)
+        self._drafts = [[] for _ in range(num_reqs)]
+        rows = [i for i in range(num_reqs) if num_drafts[i] > 0]
+        for i in range(num_reqs):
+            self.state_for(req_ids[i], sampling_params[i]).num_forwards += 1
+        if not rows:
+            return out
+        R = len(rows)
+        rows_t = torch.tensor(rows)
+        nd = torch.tensor([num_drafts[i] for i in rows])  # [R]
+        # scatter the flat drafts into a right-aligned [R, B] block view (the drafts are the last
+        # nd columns of the block; the leftover prompt tokens before them never change)
+        col = B - nd  # [R] column of the first draft
+        flat_row = torch.repeat_interleave(torch.arange(R), nd)  # [T]
+        flat_col = torch.arange(draft_token_ids.numel()) - torch.repeat_interleave(nd.cumsum(0) - nd, nd)
+        flat_col = flat_col + col[flat_row]
+        block = torch.full((R, B), -2, dtype=torch.int64)  # -2: prompt column (not a mask)
+        block[flat_row, flat_col] = draft_token_ids.long()
+
+        token = torch.zeros(draft_token_ids.numel(), dtype=torch.int64)
+        conf = torch.zeros(draft_token_ids.numel(), dtype=torch.float32)
+        ent = torch.zeros(draft_token_ids.numel(), dtype=torch.float32)
+        states = [self.states[req_ids[i]] for i in rows]
+        greedy = torch.tensor([st.knobs.temperature == 0.0 for st in states])  # [R]
+        g_flat = greedy[flat_row]  # [T]
+        if bool(g_flat.any()):
+            t, c, e = predict_greedy(draft_logits[g_flat])
+            token[g_flat], conf[g_flat], ent[g_flat] = t, c, e
+        if not bool(g_flat.all()):
+            starts = (nd.cumsum(0) - nd).tolist()
+            for j, st in enumerate(states):  # sampled requests: one call each (per-request knobs)
+                if st.knobs.temperature == 0.0:
+                    continue
+                sl = slice(starts[j], starts[j] + int(nd[j]))
+                t, c, e = predict_sampled(draft_logits[sl], st.knobs, generators.get(rows[j]))
+                token[sl], conf[sl], ent[sl] = t, c, e
+        tok2 = torch.zeros((R, B), dtype=torch.int64)
+        conf2 = torch.zeros((R, B), dtype=torch.float32)
+        ent2 = torch.zeros((R, B), dtype=torch.float32)
+        tok2[flat_row, flat_col], conf2[flat_row, flat_col], ent2[flat_row, flat_col] = token, conf, ent
+
+        # per-request step bookkeeping (a new block starts when its position moves)
+        steps = []
+        for j, st in enumerate(states):
+            start = first_draft_pos[rows[j]] // B * B
+            if start != st.block_start:
+                st.block_start, st.step, st.unmasked_at = start, 0, [-1] * B
+            steps.append(st.step)
+        is_mask = block == mask_id  # [R, B]
+        n_masks = is_mask.sum(1)  # [R]
+        transfer = torch.tensor(
+            [st.transfer[s] if s < len(st.transfer) else 1 for st, s in zip(states, steps)]
+        )
+        k = torch.minimum(transfer, n_masks)
+        chosen = select_to_unmask(
+            torch.tensor([st.strategy for st in states]), k,
+            torch.tensor([st.params.confidence_threshold for st in states], dtype=torch.float32),
+            torch.tensor([st.params.eb_threshold for st in states], dtype=torch.float32),
+            is_mask, conf2, ent2,
+        )
+        new_block = torch.where(chosen, tok2, block)  # [R, B]
+        done = ~(new_block == mask_id).any(1)  # [R]
+        step_t = torch.tensor(steps)
+        unmasked_at = torch.where(chosen, step_t[:, None], torch.tensor([st.unmasked_at for st in states]))
+        # finished blocks -> outputs (draft columns only)
+        is_draft = block != -2
+        out_rows = torch.where(done[:, None] & is_draft, new_block, torch.full_like(new_block, PLACEHOLDER))
+        out[rows_t] = out_rows
+        new_list, ua_list, done_list, nd_list = (
+            new_block.tolist(), unmasked_at.tolist(), done.tolist(), nd.tolist())
+        for j, st in enumerate(states):
+            d = nd_list[j]
+            if done_list[j]:
+                st.step_map.extend(ua_list[j][B - d:])
+                st.step += 1
+                self._drafts[rows[j]] = [mask_id] * B  # the next block starts fully masked
+            else:
+                st.step += 1
+                st.unmasked_at = ua_list[j]
+                self._drafts[rows[j]] = new_list[j][B - d:]
+        return out
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None,
+                slot_mappings=None) -> list[list[int]]:
+        return self._drafts
+
+
+class RequestKnobsValidator(LogitsProcessor):
+    """Front-end check of per-request knobs (SamplingParams.extra_args / server `vllm_xargs`).
+
+    Installed by the config hook as a vLLM custom logits processor only for its
+    `validate_params` hook, which vLLM runs at request admission: a ValueError there becomes an
+    HTTP 400 with the message, and the engine never sees the request. `apply` is the identity
+    (block diffusion samples in the runner, not through vLLM's sampler).
+    """
+
+    # (engine dllm_spec options, model block size), set by the config hook in this process
+    context: tuple[dict, int] | None = None
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        if not any(key in extra for key in REQUEST_KNOBS):
+            return
+        if cls.context is not None:
+            options, block = cls.context
+            resolve_request_params(options, extra, block)
+        else:
+            DLLMSpecConfig.from_dict({k: extra[k] for k in REQUEST_KNOBS if k in extra})
+
+    def __init__(self, vllm_config, device, is_pin_memory) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update) -> None:
+        pass

@@ -1,0 +1,133 @@
+"""vLLM `SDARForCausalLM`: Qwen3 layers (q/k RMSNorm, GQA, RoPE, tied or untied embeddings)
+whose attention runs block-causally on the paged KV cache (`vllm_dllm_spec.attention`).
+
+Weights load through vLLM's own loader (safetensors, HF names, `AutoWeightsLoader`), exactly as
+Qwen3's. The forward is Qwen3's, with no per-step logic: block structure lives in the attention
+metadata builder, denoising in the runner / proposer.
+"""
+from __future__ import annotations
+
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.qwen2 import Qwen2MLP, Qwen2Model
+from vllm.model_executor.models.qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3ForCausalLM
+from vllm.model_executor.models.utils import PPMissingLayer, maybe_prefix
+from vllm.platforms import current_platform
+from vllm.transformers_utils.config import set_default_rope_theta
+
+
+def block_attention_backend():
+    if current_platform.is_cpu():
+        from vllm_dllm_spec.attention import BlockCausalCPUAttentionBackend
+
+        return BlockCausalCPUAttentionBackend
+    raise NotImplementedError(
+        "vllm_dllm_spec: block-causal SDAR attention is implemented for the CPU platform only "
+        "so far (see docs/VLLM_PATH.md)"
+    )
+
+
+class SDARAttention(Qwen3Attention):
+    """Qwen3Attention with the block-causal attention backend (forward inherited)."""
+
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        tp_size = get_tensor_model_parallel_world_size()
+        self.hidden_size = config.hidden_size
+        self.total_num_heads = config.num_attention_heads
+        if self.total_num_heads % tp_size:
+            raise ValueError(
+                f"num_attention_heads ({self.total_num_heads}) must be divisible by the "
+                f"tensor parallel size ({tp_size})"
+            )
+        self.num_heads = self.total_num_heads // tp_size
+        self.total_num_kv_heads = config.num_key_value_heads
+        if self.total_num_kv_heads % tp_size and tp_size % self.total_num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.total_num_kv_heads}) and the tensor parallel size "
+                f"({tp_size}) must divide one another"
+            )
+        self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.total_num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.dual_chunk_attention_config = None
+        self.qkv_proj = QKVParallelLinear(
+            self.hidden_size, self.head_dim, self.total_num_heads, self.total_num_kv_heads,
+            bias=getattr(config, "attention_bias", False), quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            self.total_num_heads * self.head_dim, self.hidden_size, bias=False,
+            quant_config=quant_config, prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim, max_position=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
+        )
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
+            attn_backend=block_attention_backend(),
+        )
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+
+class SDARDecoderLayer(Qwen3DecoderLayer):
+    """Qwen3DecoderLayer with SDARAttention (forward inherited)."""
+
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "", **_) -> None:
+        nn.Module.__init__(self)
+        self.hidden_size = config.hidden_size
+        set_default_rope_theta(config, default_theta=1000000)
+        self.self_attn = SDARAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
+        self.mlp = Qwen2MLP(
+            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            hidden_act=config.hidden_act, quant_config=quant_config, prefix=f"{prefix}.mlp",
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
+)
+class SDARModel(Qwen2Model):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=SDARDecoderLayer)
+
+
+class SDARForCausalLM(Qwen3ForCausalLM):
+    """SDAR block-diffusion LM (dense). Forward, logits and weight loading are Qwen3's."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_config
+        for attr in ("block_size", "mask_token_id"):
+            if getattr(config, attr, None) is None:
+                raise ValueError(f"SDAR config.json must set {attr!r}")
+        self.config = config
+        self.vllm_config = vllm_config
+        self.quant_config = vllm_config.quant_config
+        self.model = SDARModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, quant_config=self.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors

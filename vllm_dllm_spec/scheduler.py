@@ -1,0 +1,91 @@
+"""Block-aware scheduler for SDAR block diffusion.
+
+Contract with vLLM's scheduler (v1/core/sched/scheduler.py, vLLM 0.32):
+- A request's tokens (`request.num_tokens`) are its prompt plus its FINISHED blocks only. The
+  in-progress block's non-prompt positions travel as speculative ("draft") tokens, re-fed every
+  step; so the prefix cache only ever hashes final tokens (DESIGN.md section 3 hazard).
+- After every step `num_computed_tokens` is set to the start of the in-progress block, or, when
+  a block just finished, to the start of that finished block: the next step then re-feeds it
+  as real tokens (its exact KV commit) together with the next block's masks, block-causally, in
+  ONE forward (the reference's `fuse_commit`).
+- A request whose prompt completes in this step gets the masks of its first block appended as
+  drafts (vLLM schedules prompt tokens only for new requests), so the prefill of the prompt's
+  full blocks and the first denoising step are one forward too.
+- Prompt chunks (chunked prefill) end on an SDAR block boundary, so block-causal attention of a
+  later chunk sees complete blocks.
+"""
+from __future__ import annotations
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+
+class BlockDiffusionScheduler(Scheduler):
+    def __init__(self, vllm_config, *args, **kwargs):
+        super().__init__(vllm_config, *args, **kwargs)
+        hf = vllm_config.model_config.hf_config
+        self.block_length = int(hf.block_size)
+        self.mask_token_id = int(hf.mask_token_id)
+        # Room for the first block's masks that `schedule` appends to a finishing prompt.
+        self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.block_length)
+        self.num_forwards: dict[str, int] = {}  # request id -> model forwards so far
+
+    # -- scheduling --------------------------------------------------------------------------
+    def schedule(self, *args, **kwargs):
+        B = self.block_length
+        cfg = self.scheduler_config
+        # reserve budget for the masks appended below (at most B per request finishing a prompt)
+        reserve = B * min(self.max_num_running_reqs, len(self.running) + len(self.waiting))
+        reserve = min(reserve, self.max_num_scheduled_tokens // 2, cfg.max_num_batched_tokens // 2)
+        saved = (self.max_num_scheduled_tokens, cfg.max_num_batched_tokens)
+        self.max_num_scheduled_tokens -= reserve
+        cfg.max_num_batched_tokens -= reserve
+        try:
+            out = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens, cfg.max_num_batched_tokens = saved
+
+        spec = out.scheduled_spec_decode_tokens
+        for rid, n in list(out.num_scheduled_tokens.items()):
+            req = self.requests[rid]
+            self.num_forwards[rid] = self.num_forwards.get(rid, 0) + 1
+            if rid in spec:
+                continue
+            if req.num_computed_tokens >= req.num_tokens:
+                # the prompt completes in this step: add the first block's masks as drafts
+                m = B - req.num_tokens % B
+                spec[rid] = [self.mask_token_id] * m
+                self._grow(out, req, m)
+            else:
+                # a prompt chunk: end it on an SDAR block boundary
+                end = req.num_computed_tokens
+                aligned_end = end // B * B
+                if end - n < aligned_end < end:
+                    self._grow(out, req, aligned_end - end)
+        return out
+
+    @staticmethod
+    def _grow(out, req, m: int) -> None:
+        out.num_scheduled_tokens[req.request_id] += m
+        out.total_num_scheduled_tokens += m
+        req.num_computed_tokens += m
+        req.num_in_flight_tokens += m
+
+    # -- after the step ------------------------------------------------------------------------
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        B = self.block_length
+        sampled = model_runner_output.sampled_token_ids
+        index = model_runner_output.req_id_to_index
+        for rid in scheduler_output.scheduled_spec_decode_tokens:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished():
+                self.num_forwards.pop(rid, None)
+                continue
+            n_new = len(sampled[index[rid]]) if sampled and rid in index else 0
+            # start of the in-progress block, or of the block that just finished (its commit)
+            req.num_computed_tokens = (req.num_tokens - n_new) // B * B
+        return outputs
+
+    def _free_request(self, request, *args, **kwargs):
+        self.num_forwards.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
