@@ -40,14 +40,18 @@ DLLM_HD bool ref_visible(int64_t kind_q, int64_t step_q, int64_t blk_q,
   return kind_k == kKindData ? step_k < step_q : step_k >= step_q;
 }
 
-// Quantized sampling weight of a probability-like value w >= 0.
+// Quantized sampling weight floor(w * 2^32) of a probability-like value w (0 for w <= 0 or
+// NaN). For 0 < w * 2^32 < 2^63 the truncating conversion is floor (one instruction; std::floor
+// is a libm call on baseline x86-64).
 DLLM_HD int64_t quantize_prob(double w) {
-  return w > 0.0 ? static_cast<int64_t>(floor(w * kProbScale)) : 0;
+  return w > 0.0 ? static_cast<int64_t>(w * kProbScale) : 0;
 }
 
 // Inverse-CDF threshold: the sampled index is the first v with cumsum(W)[v] > threshold.
+// floor(total * u) for total >= 0 and u in [0, 1) (truncation == floor for non-negative values).
 DLLM_HD int64_t cdf_threshold(int64_t total, double u) {
-  return static_cast<int64_t>(floor(static_cast<double>(total) * u));
+  const double x = static_cast<double>(total) * u;
+  return x > 0.0 ? static_cast<int64_t>(x) : 0;
 }
 
 }  // namespace dllm_spec

@@ -184,8 +184,8 @@ def greedy_match(draft_token_ids: torch.Tensor, num_draft: torch.Tensor,
 
 
 def _quantize(w: torch.Tensor) -> torch.Tensor:
-    """Sampling weights floor(w * 2^32) as int64 (w >= 0; exact in float64)."""
-    return (w.double() * PROB_SCALE).floor().to(torch.int64)
+    """Sampling weights floor(max(w, 0) * 2^32) as int64 (exact in float64)."""
+    return (w.double().clamp_min(0) * PROB_SCALE).floor().to(torch.int64)
 
 
 def sample_quantized_ref(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
