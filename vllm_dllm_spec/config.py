@@ -17,6 +17,7 @@ REMASKING_STRATEGIES = (
     "entropy_bounded",
 )
 METHODS = ("block_diffusion",)
+VERIFICATIONS = ("greedy_match", "mrs")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -88,6 +89,27 @@ class SamplingKnobs:
             isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
             f"top_p must be a number in (0, 1], got {self.top_p!r}",
         )
+
+
+@dataclass(frozen=True)
+class SimSDParams:
+    """SimSD: the draft's block diffusion (`draft`) and how the target verifies it."""
+
+    draft: DenoiseParams
+    num_draft_blocks: int = 1
+    verification: str = "greedy_match"  # lossless choice for greedy; "mrs" for sampling
+    rope_copy: bool = True  # mask copies reuse their data token's position (paper's ablation)
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.num_draft_blocks, int) and self.num_draft_blocks >= 1,
+            f"num_draft_blocks must be an integer >= 1, got {self.num_draft_blocks!r}",
+        )
+        _require(
+            self.verification in VERIFICATIONS,
+            f"verification must be one of {VERIFICATIONS}, got {self.verification!r}",
+        )
+        _require(isinstance(self.rope_copy, bool), f"rope_copy must be a bool, got {self.rope_copy!r}")
 
 
 @dataclass(frozen=True)

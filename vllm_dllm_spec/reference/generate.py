@@ -39,10 +39,11 @@ def block_causal_mask(num_cached: int, num_query: int, block_length: int) -> tor
 
 
 def predict(logits: torch.Tensor, knobs: SamplingKnobs, generator: torch.Generator):
-    """logits [B, V] -> (token [B], confidence [B], entropy [B]).
+    """logits [B, V] -> (token [B], confidence [B], entropy [B], probs [B, V]).
 
     Greedy: argmax, confidence = untempered softmax probability of it. Sampling: logits / T,
     top_k, top_p, sample; confidence = the sampled token's probability under that distribution.
+    probs is the distribution the token was taken from (speculative sampling needs it).
     """
     if knobs.temperature == 0.0:
         probs = logits.float().softmax(-1)
@@ -52,7 +53,7 @@ def predict(logits: torch.Tensor, knobs: SamplingKnobs, generator: torch.Generat
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     confidence = probs.gather(-1, token[:, None]).squeeze(-1)
     entropy = torch.special.entr(probs).sum(-1)
-    return token, confidence, entropy
+    return token, confidence, entropy, probs
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -106,6 +107,32 @@ def _positions_to_mask(positions: torch.Tensor, like: torch.Tensor) -> torch.Ten
     out = torch.zeros_like(like)
     out[positions] = True
     return out
+
+
+def denoise_block(
+    block_logits,  # callable: block [B] -> logits [B, V] (one model forward)
+    block: torch.Tensor,  # [B] known tokens and mask_id
+    params: DenoiseParams,
+    knobs: SamplingKnobs,
+    generator: torch.Generator,
+    mask_id: int,
+):
+    """Runs denoising steps until no mask is left. Returns (block [B], unmasked_at [B]: 0-based
+    step that unmasked each position, -1 for tokens known before; probs [B, V]: the distribution
+    each token was taken from, zeros for known tokens; number of steps)."""
+    unmasked_at = torch.full(block.shape, -1)  # [B]
+    token_probs = None
+    step = 0
+    while bool((block == mask_id).any()):
+        token, confidence, entropy, probs = predict(block_logits(block), knobs, generator)
+        if token_probs is None:
+            token_probs = torch.zeros_like(probs)  # [B, V]
+        chosen = select_to_unmask(params, step, block == mask_id, confidence, entropy)
+        block = torch.where(chosen, token, block)
+        unmasked_at[chosen] = step
+        token_probs[chosen] = probs[chosen]
+        step += 1
+    return block, unmasked_at, token_probs, step
 
 
 def generate(
@@ -169,20 +196,17 @@ def generate(
     step_map: list[int] = []
     block_steps: list[int] = []
     while True:
-        unmasked_at = torch.full((B,), -1)  # [B]
-        step = 0
-        while bool((block == mask_id).any()):
-            inputs = torch.cat([uncommitted, block]) if fuse_commit else block
+
+        def block_logits(current: torch.Tensor) -> torch.Tensor:
+            nonlocal uncommitted
+            inputs = torch.cat([uncommitted, current]) if fuse_commit else current
             logits = forward(inputs, num_store=uncommitted.numel() if fuse_commit else 0)[-B:]
             if fuse_commit:
                 uncommitted = prompt[:0]
-            token, confidence, entropy = predict(logits, knobs, generator)
-            is_mask = block == mask_id
-            chosen = select_to_unmask(params, step, is_mask, confidence, entropy)
-            block = torch.where(chosen, token, block)
-            unmasked_at[chosen] = step
-            step += 1
-        block_steps.append(step)
+            return logits
+
+        block, unmasked_at, _, steps = denoise_block(block_logits, block, params, knobs, generator, mask_id)
+        block_steps.append(steps)
         tokens += block[first_generated:].tolist()
         step_map += unmasked_at[first_generated:].tolist()
         first_generated = 0

@@ -77,6 +77,11 @@ class KVCache:
     def get(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.keys[layer], self.values[layer]
 
+    def truncate(self, length: int) -> None:
+        """Drops the KV of every position >= length (rejected speculative blocks)."""
+        self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
+        self.values = [None if v is None else v[:, :, :length] for v in self.values]
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.shape[2] == 0:
             return
