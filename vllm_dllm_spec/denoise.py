@@ -117,9 +117,7 @@ class RequestState:
     transfer: list[int]  # num_transfer_tokens per step
     block_start: int = -1  # position of the in-progress block
     step: int = 0  # denoising step within the in-progress block
-    unmasked_at: list[int] = field(default_factory=list)  # per draft column
-    step_map: list[int] = field(default_factory=list)  # finished tokens, reference semantics
-    num_forwards: int = 0
+    unmasked_at: list[int] = field(default_factory=list)  # [B] step that unmasked each column
 
 
 class BlockDiffusionProposer:
@@ -137,6 +135,8 @@ class BlockDiffusionProposer:
         self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
         self.states: dict[str, RequestState] = {}
         self._drafts: list[list[int]] = []
+        # request id -> step_map of the block that finished in the last step (generated tokens)
+        self.finished_step_maps: dict[str, list[int]] = {}
 
     def load_model(self, target_model) -> None:  # CPUModelRunner.load_model calls this
         pass
@@ -165,6 +165,14 @@ class BlockDiffusionProposer:
         for r in req_ids:
             self.states.pop(r, None)
 
+    def restart_blocks(self, req_ids) -> None:
+        """Preempted requests lose their in-progress block (vLLM frees its KV and drafts): it
+        restarts from masks when they resume."""
+        for r in req_ids:
+            st = self.states.get(r)
+            if st is not None:
+                st.block_start = -1
+
     # -- one step ----------------------------------------------------------------------------
     def denoise(
         self,
@@ -180,9 +188,10 @@ class BlockDiffusionProposer:
         num_reqs = len(req_ids)
         out = torch.full((num_reqs, B), PLACEHOLDER, dtype=torch.int64)
         self._drafts = [[] for _ in range(num_reqs)]
+        self.finished_step_maps = {}
         rows = [i for i in range(num_reqs) if num_drafts[i] > 0]
-        for i in range(num_reqs):
-            self.state_for(req_ids[i], sampling_params[i]).num_forwards += 1
+        for i in rows:
+            self.state_for(req_ids[i], sampling_params[i])
         if not rows:
             return out
         R = len(rows)
@@ -251,7 +260,7 @@ class BlockDiffusionProposer:
         for j, st in enumerate(states):
             d = nd_list[j]
             if done_list[j]:
-                st.step_map.extend(ua_list[j][B - d:])
+                self.finished_step_maps[req_ids[rows[j]]] = ua_list[j][B - d:]
                 st.step += 1
                 self._drafts[rows[j]] = [mask_id] * B  # the next block starts fully masked
             else:

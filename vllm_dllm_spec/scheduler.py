@@ -16,7 +16,13 @@ Contract with vLLM's scheduler (v1/core/sched/scheduler.py, vLLM 0.32):
 """
 from __future__ import annotations
 
+import time
+
+from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
+
+logger = init_logger(__name__)
+LOG_INTERVAL_S = 10.0
 
 
 class BlockDiffusionScheduler(Scheduler):
@@ -28,6 +34,10 @@ class BlockDiffusionScheduler(Scheduler):
         # Room for the first block's masks that `schedule` appends to a finishing prompt.
         self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.block_length)
         self.num_forwards: dict[str, int] = {}  # request id -> model forwards so far
+        self.step_maps: dict[str, list[int]] = {}  # request id -> step_map of its final tokens
+        self.total_forwards = 0  # request-forwards of finished requests (observability)
+        self.total_tokens = 0
+        self._last_log = time.monotonic()
 
     # -- scheduling --------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
@@ -72,6 +82,8 @@ class BlockDiffusionScheduler(Scheduler):
 
     # -- after the step ------------------------------------------------------------------------
     def update_from_output(self, scheduler_output, model_runner_output):
+        for rid, steps in (getattr(model_runner_output, "dllm_step_maps", None) or {}).items():
+            self.step_maps.setdefault(rid, []).extend(steps)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         B = self.block_length
         sampled = model_runner_output.sampled_token_ids
@@ -87,5 +99,33 @@ class BlockDiffusionScheduler(Scheduler):
         return outputs
 
     def _free_request(self, request, *args, **kwargs):
-        self.num_forwards.pop(request.request_id, None)
-        return super()._free_request(request, *args, **kwargs)
+        """On finish, the request's block-diffusion record rides on the one per-request dict
+        vLLM carries from the engine to the caller, `kv_transfer_params`
+        (RequestOutput.kv_transfer_params offline; the response's `kv_transfer_params` field on
+        the OpenAI server): {"dllm_spec": {"num_forwards", "step_map", "tokens_per_forward"}}."""
+        rid = request.request_id
+        forwards = self.num_forwards.pop(rid, 0)
+        step_map = self.step_maps.pop(rid, [])[: request.num_output_tokens]
+        kv_params, ec_params = super()._free_request(request, *args, **kwargs)
+        n = request.num_output_tokens
+        self.total_forwards += forwards
+        self.total_tokens += n
+        record = {
+            "num_forwards": forwards,
+            "step_map": step_map,
+            "tokens_per_forward": round(n / forwards, 4) if forwards else 0.0,
+        }
+        kv_params = dict(kv_params or {})
+        kv_params["dllm_spec"] = record
+        self._maybe_log()
+        return kv_params, ec_params
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= LOG_INTERVAL_S and self.total_forwards:
+            self._last_log = now
+            logger.info(
+                "dllm_spec block diffusion: %d tokens in %d request-forwards "
+                "(%.3f tokens per forward) over finished requests",
+                self.total_tokens, self.total_forwards, self.total_tokens / self.total_forwards,
+            )

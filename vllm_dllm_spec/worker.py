@@ -35,10 +35,17 @@ class DLLMModelRunner(CPUModelRunner):
             model_config.logits_processors = saved
 
     def _update_states(self, scheduler_output):
-        ended = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
-        if ended:
-            self.drafter.drop(ended)
+        self.drafter.drop(scheduler_output.finished_req_ids)
+        self.drafter.restart_blocks(scheduler_output.preempted_req_ids or ())
         return super()._update_states(scheduler_output)
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        # step_map of every block finished in this step travels to the scheduler with the
+        # output (a plain attribute: ModelRunnerOutput is a dataclass, pickled across processes)
+        if hasattr(output, "req_ids"):
+            output.dllm_step_maps = self.drafter.finished_step_maps
+        return output
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
         batch = self.input_batch
