@@ -51,3 +51,38 @@ def test_reference_vs_vllm_smoke(tiny_ckpt, tmp_path):
         data["vllm"]["tokens_per_s"] / data["reference"]["tokens_per_s"])
     # the plugin fuses each commit into the next denoising forward: fewer forwards per token
     assert data["vllm"]["forwards_per_token"] < data["reference"]["forwards_per_token"]
+
+
+@pytest.mark.slow
+def test_serve_smoke(tiny_ckpt, tmp_path):
+    out = tmp_path / "serve.json"
+    summary = run_bench("serve.py", tiny_ckpt, out)
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert {r["method"] for r in rows} == {"ar", "dynamic"}
+    for r in rows:
+        assert r["requests"] == 4 and r["output_tokens"] == 4 * 16
+        assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] is not None
+        base = next(x for x in rows if x["rate"] == r["rate"] and x["method"] == "ar")
+        assert r["ratio_vs_ar"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
+    assert "tok/s" in summary
+
+
+def test_report_renders_from_json_only(tmp_path):
+    """The README section is generated from the JSON: figures appear, and re-running replaces
+    the section instead of appending a second one."""
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"method": "ar", "block": 4, "batch": 8, "tokens_per_s": 123.4, "tokens_per_forward": 1.0,
+           "mean_forwards_per_request": 16.0, "ratio_vs_ar": 1.0, "ratio_vs_dynamic": 0.5}
+    (results / "throughput.json").write_text(json.dumps({
+        "created": "now", "preset": "smoke", "gen_length": 16, "results": [row],
+        "machine": {"cpu": "TestCPU", "cores": 2, "gpu": None, "load_avg_at_start": [1.0, 1.0, 1.0]}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    cmd = [sys.executable, str(BENCH / "report.py"), "--results", str(results), "--readme", str(readme),
+           "--docs", str(tmp_path / "docs")]
+    for _ in range(2):
+        subprocess.run(cmd, check=True, capture_output=True)
+    text = readme.read_text()
+    assert text.count("## Performance") == 1 and "| 4 | 8 | ar | 123 |" in text and "TestCPU" in text
