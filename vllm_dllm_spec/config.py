@@ -16,7 +16,7 @@ REMASKING_STRATEGIES = (
     "low_confidence_dynamic",
     "entropy_bounded",
 )
-METHODS = ("block_diffusion",)
+METHODS = ("block_diffusion", "simsd")
 VERIFICATIONS = ("greedy_match", "mrs")
 
 
@@ -114,7 +114,12 @@ class SimSDParams:
 
 @dataclass(frozen=True)
 class DLLMSpecConfig:
-    """The `dllm_spec` option. Fields left out take the defaults (block_length: the model's)."""
+    """The `dllm_spec` option. Fields left out take the defaults (block_length: the model's).
+
+    The block-diffusion knobs (denoising_steps, remasking_strategy, thresholds) describe the
+    diffusion being run: the target's for "block_diffusion", the draft's for "simsd". The
+    simsd-only knobs are ignored by "block_diffusion".
+    """
 
     method: str = "block_diffusion"
     block_length: int | None = None
@@ -122,9 +127,18 @@ class DLLMSpecConfig:
     remasking_strategy: str = "low_confidence_dynamic"
     confidence_threshold: float = 0.85
     eb_threshold: float = 0.35
+    # simsd
+    draft_model: str | None = None  # SDAR directory of the draft; None = self-draft (the target)
+    num_draft_blocks: int = 1
+    verification: str = "greedy_match"
+    rope_copy: bool = True
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        _require(
+            self.draft_model is None or (isinstance(self.draft_model, str) and self.draft_model != ""),
+            f"draft_model must be a path to an SDAR directory or null (self-draft), got {self.draft_model!r}",
+        )
         # Validate the shared knobs now; without a block_length the model's block size is not
         # known yet, so steps are checked against it later (denoise_params).
         steps = self.denoising_steps
@@ -132,7 +146,7 @@ class DLLMSpecConfig:
             steps is None or (isinstance(steps, int) and steps >= 1),
             f"denoising_steps must be an integer >= 1, got {steps!r}",
         )
-        self.denoise_params(self.block_length if self.block_length is not None else (steps or 1))
+        self.simsd_params(self.block_length if self.block_length is not None else (steps or 1))
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "DLLMSpecConfig":
@@ -151,4 +165,12 @@ class DLLMSpecConfig:
             remasking_strategy=self.remasking_strategy,
             confidence_threshold=self.confidence_threshold,
             eb_threshold=self.eb_threshold,
+        )
+
+    def simsd_params(self, model_block_size: int) -> SimSDParams:
+        return SimSDParams(
+            draft=self.denoise_params(model_block_size),
+            num_draft_blocks=self.num_draft_blocks,
+            verification=self.verification,
+            rope_copy=self.rope_copy,
         )
