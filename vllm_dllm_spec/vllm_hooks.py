@@ -67,6 +67,12 @@ def configure(vllm_config) -> None:
         "confidence_threshold": params.confidence_threshold,
         "eb_threshold": params.eb_threshold,
     }
+    scheduler_cls, worker_cls, num_spec = SCHEDULER_CLS, WORKER_CLS, model_block
+    if cfg.method == "simsd":  # SimSD's own classes and knobs (vllm_dllm_spec/simsd)
+        from vllm_dllm_spec.simsd.hooks import method_overrides
+
+        scheduler_cls, worker_cls, num_spec, simsd_options = method_overrides(cfg, model_block, hf)
+        additional["dllm_spec"].update(simsd_options)
     vllm_config.additional_config = additional
 
     if not current_platform.is_cpu():
@@ -82,14 +88,14 @@ def configure(vllm_config) -> None:
         )
     sched = vllm_config.scheduler_config
     if sched.scheduler_cls is None or sched.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler":
-        sched.scheduler_cls = SCHEDULER_CLS
+        sched.scheduler_cls = scheduler_cls
     if vllm_config.parallel_config.worker_cls == "auto":
-        vllm_config.parallel_config.worker_cls = WORKER_CLS
+        vllm_config.parallel_config.worker_cls = worker_cls
     if vllm_config.speculative_config is None:
         vllm_config.speculative_config = SpeculativeConfig(
             method="custom_class",
             model=PROPOSER_CLS,
-            num_speculative_tokens=model_block,
+            num_speculative_tokens=num_spec,
             target_model_config=model_config,
             target_parallel_config=vllm_config.parallel_config,
         )
