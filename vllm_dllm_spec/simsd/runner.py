@@ -1,0 +1,300 @@
+"""SimSD worker / model runner (CPU platform): subclasses of the block-diffusion ones.
+
+One engine step of a SimSD request = one SimSD round (reference `reference.simsd`):
+1. `_update_states` (after vLLM's bookkeeping): the DRAFT runs its block diffusion for every
+   scheduled request at once (`draft.draft_round`, batched draft forwards on the draft's own
+   paged KV cache, same block tables as the target) and writes the verify region
+   `[data_0 | copies_0 | data_1 | ...]` (minus the already-known tokens, which are real tokens)
+   over the placeholder spec tokens the scheduler reserved.
+2. `_prepare_inputs`: vLLM builds positions / slots; we then give the mask copies their data
+   token's position (RoPE copy; slots unchanged) and publish the reference-token mask layout
+   for the attention (`simsd.attention.CURRENT`).
+3. ONE target forward (vLLM's own).
+4. `_sample`: logits at the copies verify the drafts in position order (`ops.greedy_match` or
+   `ops.rejection_sample`); the accepted tokens + the target's token are the step's output.
+   The scheduler (inherited block-diffusion rule) then rolls num_computed_tokens back to the
+   round's block start, so the next step re-feeds the finished blocks as the fused commit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from vllm.v1.outputs import SamplerOutput
+
+from vllm_dllm_spec import ops
+from vllm_dllm_spec.config import DLLMSpecConfig, SamplingKnobs, SimSDParams
+from vllm_dllm_spec.denoise import PLACEHOLDER
+from vllm_dllm_spec.reference.generate import exclude_mask_token
+from vllm_dllm_spec.reference.simsd import sampling_probs
+from vllm_dllm_spec.simsd import attention as simsd_attention
+from vllm_dllm_spec.simsd.draft import DraftJob, PagedDraftModel, draft_round
+from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
+from vllm_dllm_spec.vllm_hooks import VALIDATOR_CLS
+
+# per-request keys that may override the engine option for one request (the draft's diffusion)
+REQUEST_DRAFT_KNOBS = ("denoising_steps", "remasking_strategy", "confidence_threshold", "eb_threshold")
+
+
+def region_length(params: SimSDParams, num_tokens: int) -> int:
+    """Spec tokens of a round: the verify region [data | copies] * K minus the known tokens."""
+    B = params.draft.block_length
+    return 2 * params.num_draft_blocks * B - num_tokens % B
+
+
+@dataclass
+class SimSDState:
+    params: SimSDParams
+    knobs: SamplingKnobs
+    draft_len: int = 0  # positions whose draft KV is valid in the draft cache
+    draft_forwards: int = 0
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RoundInfo:
+    row: int
+    num_tokens: int
+    block_start: int
+    num_computed: int
+    job: DraftJob
+
+
+class SimSDModelRunner(DLLMModelRunner):
+    def __init__(self, vllm_config, device):
+        super().__init__(vllm_config, device)
+        hf = vllm_config.model_config.hf_config
+        self.mask_token_id = int(hf.mask_token_id)
+        self.model_block = int(hf.block_size)
+        self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
+        self.simsd_states: dict[str, SimSDState] = {}
+        self.draft: PagedDraftModel | None = None
+        self._rounds: dict[str, RoundInfo] = {}
+        self._next_drafts: list[list[int]] = []
+        self._step_records: dict[str, tuple[int, int, int]] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+        n = 0
+        for module in self.model.modules():
+            if isinstance(module, Attention) and isinstance(module.impl, CPUAttentionBackendImpl):
+                module.impl.__class__ = simsd_attention.SimSDAttentionImpl
+                n += 1
+        if n == 0:
+            raise RuntimeError("SimSD: found no CPU attention layer to install the verify mask on")
+        from vllm_dllm_spec.reference.model import SDARModel
+
+        path = self.engine_options.get("draft_model") or self.model_config.model
+        self._draft_weights = SDARModel.from_pretrained(path, dtype=self.model_config.dtype)
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        self.draft = PagedDraftModel(
+            self._draft_weights, int(kv_cache_config.num_blocks), int(self.cache_config.block_size))
+
+    # -- per-request state -------------------------------------------------------------------
+    def state_for(self, req_id: str) -> SimSDState:
+        st = self.simsd_states.get(req_id)
+        if st is None:
+            sp = self.requests[req_id].sampling_params
+            merged = dict(self.engine_options)
+            extra = getattr(sp, "extra_args", None) or {}
+            for key in REQUEST_DRAFT_KNOBS:
+                if key in extra:
+                    merged[key] = extra[key]
+            params = DLLMSpecConfig.from_dict(merged).simsd_params(self.model_block)
+            t = float(sp.temperature)
+            knobs = SamplingKnobs(temperature=t if t > 1e-5 else 0.0, top_k=max(int(sp.top_k), 0),
+                                  top_p=float(sp.top_p))
+            st = self.simsd_states[req_id] = SimSDState(params=params, knobs=knobs)
+        return st
+
+    def _update_states(self, scheduler_output):
+        for r in scheduler_output.finished_req_ids:
+            self.simsd_states.pop(r, None)
+        for r in scheduler_output.preempted_req_ids or ():
+            st = self.simsd_states.get(r)
+            if st is not None:  # its KV is freed: the draft recomputes from position 0
+                st.draft_len = 0
+        result = super()._update_states(scheduler_output)
+        self._draft_step(scheduler_output)
+        return result
+
+    # -- 1. the draft round ------------------------------------------------------------------
+    def _draft_step(self, scheduler_output) -> None:
+        self._rounds = {}
+        batch = self.input_batch
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        block_table = batch.block_table[0].get_cpu_tensor()
+        jobs = []
+        for i, rid in enumerate(batch.req_ids[: batch.num_reqs]):
+            n_spec = len(spec.get(rid, ()))
+            if n_spec == 0:
+                continue  # a prompt chunk: no round in this step
+            st = self.state_for(rid)
+            num_tokens = int(batch.num_tokens_no_spec[i])
+            expected = region_length(st.params, num_tokens)
+            if n_spec != expected:
+                raise RuntimeError(
+                    f"SimSD request {rid}: {n_spec} spec tokens scheduled, the verify region needs "
+                    f"{expected} (token budget / max_model_len too small for the round?)")
+            B = st.params.draft.block_length
+            block_start = num_tokens // B * B
+            seq = torch.from_numpy(batch.token_ids_cpu[i, :num_tokens].copy()).long()
+            job = DraftJob(seq=seq, draft_len=min(st.draft_len, block_start),
+                           block_table=block_table[i].clone(), params=st.params, knobs=st.knobs,
+                           generator=batch.generators.get(i))
+            jobs.append(job)
+            self._rounds[rid] = RoundInfo(i, num_tokens, block_start,
+                                          int(batch.num_computed_tokens_cpu[i]), job)
+        draft_round(self.draft, jobs, self.mask_token_id)
+        for rid, info in self._rounds.items():
+            st, job = self.simsd_states[rid], info.job
+            K, B = st.params.num_draft_blocks, st.params.draft.block_length
+            st.draft_len = job.draft_len
+            st.draft_forwards += job.forwards
+            data = job.tokens.view(K, B)
+            region = torch.cat([data, torch.full_like(data, self.mask_token_id)], dim=1).flatten()
+            known = info.num_tokens - info.block_start
+            values = region[known:].tolist()
+            batch.token_ids_cpu[info.row, info.num_tokens: info.num_tokens + len(values)] = values
+            batch.spec_token_ids[info.row][:] = values
+
+    # -- 2. positions (RoPE copy) and the reference-token mask --------------------------------
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        out = super()._prepare_inputs(scheduler_output, *args, **kwargs)
+        simsd_attention.CURRENT = None
+        if not self._rounds:
+            return out
+        qsl = self.query_start_loc.cpu
+        idx, pos, kinds, steps, blocks, prefix_slots, prefix_len = [], [], [], [], [], [], []
+        Q = None
+        for rid, info in self._rounds.items():
+            st = self.simsd_states[rid]
+            K, B = st.params.num_draft_blocks, st.params.draft.block_length
+            q = 2 * K * B
+            if Q is None:
+                Q = q
+            assert q == Q, "SimSD: one region length per engine (num_draft_blocks, block_length)"
+            start = int(qsl[info.row]) + info.block_start - info.num_computed
+            idx.append(torch.arange(start, start + q))
+            data_pos = info.block_start + torch.arange(K * B).view(K, B)
+            copy_pos = data_pos if st.params.rope_copy else data_pos + B
+            pos.append(torch.cat([data_pos, copy_pos], dim=1).flatten())
+            kinds.append(torch.tensor([ops.KIND_DATA] * B + [ops.KIND_MASK] * B).repeat(K))
+            steps.append(info.job.labels.view(K, B).repeat(1, 2).flatten())
+            blocks.append(torch.arange(K).repeat_interleave(2 * B))
+            prefix_slots.append(self.draft.slots(info.job.block_table, torch.arange(info.block_start)))
+            prefix_len.append(info.block_start)
+        R = len(idx)
+        region_index = torch.stack(idx)  # [R, Q]
+        self.positions[region_index.flatten()] = torch.cat(pos).to(self.positions.dtype)
+        mask = ops.ref_token_mask(torch.arange(R + 1) * Q, torch.cat(kinds), torch.cat(steps),
+                                  torch.cat(blocks), Q).view(R, Q, Q)
+        L = max(1, max(prefix_len))
+        slots = torch.zeros(R, L, dtype=torch.long)
+        for r, s in enumerate(prefix_slots):
+            slots[r, : s.numel()] = s
+        valid = torch.arange(L)[None, :] < torch.tensor(prefix_len)[:, None]
+        simsd_attention.CURRENT = simsd_attention.VerifyLayout(region_index, slots, valid, mask)
+        return out
+
+    # -- 4. verification ---------------------------------------------------------------------
+    def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
+        simsd_attention.CURRENT = None
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        width = 2
+        for rid in self._rounds:
+            p = self.simsd_states[rid].params
+            width = max(width, p.num_draft_blocks * p.draft.block_length + 1)
+        out = torch.full((num_reqs, width), PLACEHOLDER, dtype=torch.int64)
+        self._next_drafts = [[] for _ in range(num_reqs)]
+        self._step_records = {}
+        if spec_decode_metadata is None or not self._rounds:
+            return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
+        spec_logits = logits[spec_decode_metadata.target_logits_indices + 1]  # [T, V]
+        offsets = [0]
+        for n in spec_decode_metadata.num_draft_tokens:
+            offsets.append(offsets[-1] + n)
+        greedy_rows, greedy_d, greedy_t = [], [], []
+        results: dict[str, tuple[int, int]] = {}
+        for rid, info in self._rounds.items():
+            st, job = self.simsd_states[rid], info.job
+            K, B = st.params.num_draft_blocks, st.params.draft.block_length
+            known = info.num_tokens - info.block_start
+            d = torch.arange(known, K * B)  # drafted data positions (in-region rank order)
+            copy_rows = offsets[info.row] + 2 * (d // B) * B + B + d % B - known
+            copy_logits = exclude_mask_token(spec_logits[copy_rows], self.mask_token_id)  # [n, V]
+            d_tokens = job.tokens[known:]
+            n = d_tokens.numel()
+            if st.params.verification == "greedy_match":
+                greedy_rows.append(rid)
+                greedy_d.append(d_tokens)
+                greedy_t.append(copy_logits.argmax(-1))
+            else:
+                gen = job.generator
+                p_target = sampling_probs(copy_logits, st.knobs)
+                p_target = torch.cat([p_target, torch.zeros_like(p_target[:1])])[None]
+                q = job.probs[known:] if job.probs is not None else torch.nn.functional.one_hot(
+                    d_tokens, p_target.shape[-1]).to(p_target.dtype)
+                a, nxt = ops.rejection_sample(
+                    d_tokens[None], torch.tensor([n]), q[None], p_target, torch.tensor([n]),
+                    torch.rand(1, n, generator=gen, dtype=p_target.dtype),
+                    torch.rand(1, generator=gen, dtype=p_target.dtype))
+                results[rid] = (int(a), int(nxt))
+        if greedy_rows:
+            R = len(greedy_rows)
+            nmax = max(t.numel() for t in greedy_d)
+            dd = torch.full((R, nmax), -1, dtype=torch.long)
+            tt = torch.full((R, nmax + 1), -1, dtype=torch.long)
+            nn_ = torch.tensor([t.numel() for t in greedy_d])
+            for r in range(R):
+                dd[r, : greedy_d[r].numel()] = greedy_d[r]
+                tt[r, : greedy_t[r].numel()] = greedy_t[r]
+            acc, nxt = ops.greedy_match(dd, nn_, tt, nn_)
+            for r, rid in enumerate(greedy_rows):
+                results[rid] = (int(acc[r]), int(nxt[r]))
+        for rid, info in self._rounds.items():
+            st, job = self.simsd_states[rid], info.job
+            K, B = st.params.num_draft_blocks, st.params.draft.block_length
+            known = info.num_tokens - info.block_start
+            a, nxt = results[rid]
+            new = job.tokens[known: known + a].tolist() + ([nxt] if nxt >= 0 else [])
+            out[info.row, : len(new)] = torch.tensor(new)
+            drafted = job.labels > 0
+            n = int(drafted.sum())
+            st.drafted.append(n)
+            st.accepted.append(a)
+            whole = int((drafted.view(K, B).sum(1).cumsum(0) <= a).sum())
+            st.draft_len = min(st.draft_len, info.block_start + whole * B)
+            self._next_drafts[info.row] = [self.mask_token_id] * region_length(
+                st.params, info.num_tokens + len(new))
+            self._step_records[rid] = (n, a, job.forwards)
+        return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        if hasattr(output, "req_ids"):
+            output.simsd_records = dict(self._step_records)
+        return output
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        return self._next_drafts
+
+
+class SimSDWorker(DLLMWorker):
+    def init_device(self):
+        model_config = self.vllm_config.model_config
+        saved = model_config.logits_processors
+        model_config.logits_processors = [p for p in saved or [] if p != VALIDATOR_CLS] or None
+        try:
+            super(DLLMWorker, self).init_device()
+        finally:
+            model_config.logits_processors = saved
+        self.model_runner = SimSDModelRunner(self.vllm_config, torch.device("cpu"))
