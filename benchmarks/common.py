@@ -5,6 +5,7 @@ benchmarks/results/ (git-ignored) unless --out says otherwise.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,15 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(doc: str, presets: dict, argv=None) -> argparse.Namespace:
+    """--preset / --model / --out, shared by every benchmark."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=presets, default="default")
+    parser.add_argument("--model", default=None, help="SDAR HF directory (default: the bundled target)")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<name>.json)")
+    return parser.parse_args(argv)
 
 
 def machine() -> dict:

@@ -9,7 +9,6 @@ identical token for token (greedy: all must be, the plugin fuses the commit but 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,7 @@ KNOBS = {"remasking_strategy": "low_confidence_dynamic", "confidence_threshold":
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="default")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = common.parse_args(__doc__, PRESETS, argv)
     preset = PRESETS[args.preset]
 
     from tqdm import tqdm

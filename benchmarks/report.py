@@ -25,7 +25,7 @@ def where(data: dict) -> str:
 
 
 def throughput_section(data: dict, plot_rel: str | None) -> list[str]:
-    lines = [f"### Offline throughput (`benchmarks/throughput.py`)", "", where(data) + f"; generation length {data['gen_length']}.", "",
+    lines = ["### Offline throughput (`benchmarks/throughput.py`)", "", where(data) + f"; generation length {data['gen_length']}.", "",
              "| block | batch | method | tokens/s | tokens/forward | forwards/request | vs ar | vs dynamic |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:

@@ -9,7 +9,6 @@ stream completions; the run stops by itself and shuts the server down.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -110,11 +109,7 @@ async def sweep_one(port: int, prompts, rate: float, gen_length: int, xargs: dic
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="default")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = common.parse_args(__doc__, PRESETS, argv)
     preset = PRESETS[args.preset]
 
     from tqdm import tqdm

@@ -16,7 +16,6 @@ same block and batch (measured in the same run, runs interleaved). Writes JSON a
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -91,11 +90,7 @@ def plot(results: list[dict], path: Path) -> str | None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="default")
-    parser.add_argument("--model", default=None, help="SDAR HF directory (default: bundled target)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput.json)")
-    args = parser.parse_args(argv)
+    args = common.parse_args(__doc__, PRESETS, argv)
     preset = PRESETS[args.preset]
 
     from tqdm import tqdm

@@ -215,3 +215,14 @@ def test_bad_prompt(model):
         generate(model, [], gen_length=4)
     with pytest.raises(ValueError, match="prompt_ids"):
         generate(model, [model.config.vocab_size], gen_length=4)
+
+
+def test_mask_token_is_never_predicted():
+    from vllm_dllm_spec.config import SamplingKnobs
+    from vllm_dllm_spec.reference.generate import exclude_mask_token, predict
+
+    logits = torch.tensor([[5.0, 1.0, 9.0], [0.0, 3.0, 8.0]])  # column 2 (the mask) ranks first
+    out = exclude_mask_token(logits, 2)
+    token, confidence, _, probs = predict(out, SamplingKnobs(), torch.Generator())
+    assert token.tolist() == [0, 1] and float(probs[:, 2].sum()) == 0.0
+    assert torch.equal(logits[:, 2], torch.tensor([9.0, 8.0]))  # the input is not modified

@@ -38,8 +38,17 @@ def block_causal_mask(num_cached: int, num_query: int, block_length: int) -> tor
     return k_block[None, :] <= q_block[:, None]
 
 
+def exclude_mask_token(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The mask token is never a prediction: its logit becomes -inf before any processing (a
+    model can rank it first, and "unmasking" a position to the mask token would never end)."""
+    logits = logits.clone()
+    logits[..., mask_id] = float("-inf")
+    return logits
+
+
 def predict(logits: torch.Tensor, knobs: SamplingKnobs, generator: torch.Generator):
-    """logits [B, V] -> (token [B], confidence [B], entropy [B], probs [B, V]).
+    """logits [B, V] (mask token already excluded) -> (token [B], confidence [B], entropy [B],
+    probs [B, V]).
 
     Greedy: argmax, confidence = untempered softmax probability of it. Sampling: logits / T,
     top_k, top_p, sample; confidence = the sampled token's probability under that distribution.
@@ -124,7 +133,8 @@ def denoise_block(
     token_probs = None
     step = 0
     while bool((block == mask_id).any()):
-        token, confidence, entropy, probs = predict(block_logits(block), knobs, generator)
+        logits = exclude_mask_token(block_logits(block), mask_id)
+        token, confidence, entropy, probs = predict(logits, knobs, generator)
         if token_probs is None:
             token_probs = torch.zeros_like(probs)  # [B, V]
         chosen = select_to_unmask(params, step, block == mask_id, confidence, entropy)
@@ -214,14 +224,23 @@ def generate(
             uncommitted = block
         else:
             forward(block, num_store=B)
-        if (eos_id is not None and eos_id in tokens[:gen_length]) or len(tokens) >= gen_length:
+        if is_finished(tokens, gen_length, eos_id):
             break
         block = torch.full((B,), mask_id)
 
-    keep = gen_length
-    if eos_id is not None and eos_id in tokens[:gen_length]:
-        keep = tokens.index(eos_id) + 1
+    keep = output_length(tokens, gen_length, eos_id)
     return GenerateOutput(tokens[:keep], step_map[:keep], num_forwards, block_steps)
+
+
+def is_finished(generated: list[int], gen_length: int, eos_id: int | None) -> bool:
+    return len(generated) >= gen_length or (eos_id is not None and eos_id in generated[:gen_length])
+
+
+def output_length(generated: list[int], gen_length: int, eos_id: int | None) -> int:
+    """The output is cut right after the first eos and at gen_length."""
+    if eos_id is not None and eos_id in generated[:gen_length]:
+        return generated.index(eos_id) + 1
+    return min(gen_length, len(generated))
 
 
 def _validate(prompt: torch.Tensor, gen_length, seed, mask_id, vocab_size: int) -> None:

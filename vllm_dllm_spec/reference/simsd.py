@@ -24,7 +24,14 @@ import torch
 
 from vllm_dllm_spec import ops
 from vllm_dllm_spec.config import DenoiseParams, SamplingKnobs, SimSDParams
-from vllm_dllm_spec.reference.generate import _validate, denoise_block, filter_top_k_top_p
+from vllm_dllm_spec.reference.generate import (
+    _validate,
+    denoise_block,
+    exclude_mask_token,
+    filter_top_k_top_p,
+    is_finished,
+    output_length,
+)
 from vllm_dllm_spec.reference.model import KVCache, SDARModel
 
 
@@ -110,7 +117,8 @@ def draft_round(draft: CachedModel, seq: torch.Tensor, block_start: int, params:
 
 def verify_round(target: CachedModel, seq, block_start, draft_tokens, labels, params: SimSDParams,
                  mask_id: int) -> torch.Tensor:
-    """The target's single verification forward. Returns logits at the mask copies [K * B, V]."""
+    """The target's single verification forward. Returns logits at the mask copies [K * B, V]
+    (mask token excluded, as in the target's own denoising)."""
     B, K = params.draft.block_length, params.num_draft_blocks
     uncommitted = seq[len(target):block_start]
     n_u = uncommitted.numel()
@@ -131,7 +139,8 @@ def verify_round(target: CachedModel, seq, block_start, draft_tokens, labels, pa
     tokens = torch.cat([uncommitted, region])
     positions = torch.cat([torch.arange(block_start - n_u, block_start), region_pos])
     logits = target(tokens, positions, query_mask, num_store=n_u)[n_u:]  # [K * 2B, V]
-    return logits.view(K, 2 * B, -1)[:, B:].reshape(K * B, -1)
+    copies = logits.view(K, 2 * B, -1)[:, B:].reshape(K * B, -1)
+    return exclude_mask_token(copies, mask_id)
 
 
 def simsd_generate(
@@ -186,10 +195,7 @@ def simsd_generate(
     seq = prompt.clone()
     out = SimSDOutput([], 0, 0)
 
-    def done(generated: list[int]) -> bool:
-        return len(generated) >= gen_length or (eos_id is not None and eos_id in generated[:gen_length])
-
-    while not done(seq[prompt.numel():].tolist()):
+    while not is_finished(seq[prompt.numel():].tolist(), gen_length, eos_id):
         block_start = seq.numel() // B * B
         draft_tokens, labels, draft_probs = draft_round(
             draft, seq, block_start, params, knobs, generator, mask_id)
@@ -221,9 +227,6 @@ def simsd_generate(
         draft.cache.truncate(min(len(draft), block_start + whole_blocks * B))
 
     generated = seq[prompt.numel():].tolist()
-    keep = gen_length
-    if eos_id is not None and eos_id in generated[:gen_length]:
-        keep = generated.index(eos_id) + 1
-    out.tokens = generated[:keep]
+    out.tokens = generated[: output_length(generated, gen_length, eos_id)]
     out.target_forwards, out.draft_forwards = target.forwards, draft.forwards
     return out
