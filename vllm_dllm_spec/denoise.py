@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from vllm_dllm_spec.config import REMASKING_STRATEGIES, DenoiseParams, DLLMSpecConfig, SamplingKnobs
-from vllm_dllm_spec.reference.generate import filter_top_k_top_p
+from vllm_dllm_spec.reference.generate import exclude_mask_token, filter_top_k_top_p
 
+logger = init_logger(__name__)
 SEQUENTIAL, STATIC, DYNAMIC, ENTROPY = (REMASKING_STRATEGIES.index(s) for s in REMASKING_STRATEGIES)
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: "no token" in a SamplerOutput row
 
@@ -146,7 +148,11 @@ class BlockDiffusionProposer:
         st = self.states.get(req_id)
         if st is None:
             extra = getattr(sampling_params, "extra_args", None)
-            params = resolve_request_params(self.engine_options, extra, self.block_length)
+            try:
+                params = resolve_request_params(self.engine_options, extra, self.block_length)
+            except ValueError as err:  # the front-end validates; never take the engine down
+                logger.warning("request %s: %s; using the engine's dllm_spec knobs", req_id, err)
+                params = resolve_request_params(self.engine_options, None, self.block_length)
             temperature = float(sampling_params.temperature)
             knobs = SamplingKnobs(
                 temperature=temperature if temperature > 1e-5 else 0.0,
@@ -185,6 +191,8 @@ class BlockDiffusionProposer:
         generators: Mapping[int, torch.Generator],
     ) -> torch.Tensor:  # [num_reqs, block_length] finished tokens, PLACEHOLDER elsewhere
         B, mask_id = self.block_length, self.mask_token_id
+        # the mask token is never a prediction (reference.generate.exclude_mask_token)
+        draft_logits = exclude_mask_token(draft_logits, mask_id)
         num_reqs = len(req_ids)
         out = torch.full((num_reqs, B), PLACEHOLDER, dtype=torch.int64)
         self._drafts = [[] for _ in range(num_reqs)]
@@ -206,6 +214,9 @@ class BlockDiffusionProposer:
         block = torch.full((R, B), -2, dtype=torch.int64)  # -2: prompt column (not a mask)
         block[flat_row, flat_col] = draft_token_ids.long()
 
+        # the mask token is never a prediction (reference `exclude_mask_token`); draft_logits is
+        # the runner's gathered copy, so this is in place on our own tensor
+        draft_logits[:, mask_id] = float("-inf")
         token = torch.zeros(draft_token_ids.numel(), dtype=torch.int64)
         conf = torch.zeros(draft_token_ids.numel(), dtype=torch.float32)
         ent = torch.zeros(draft_token_ids.numel(), dtype=torch.float32)
@@ -274,6 +285,19 @@ class BlockDiffusionProposer:
         return self._drafts
 
 
+# SamplingParams fields vLLM's sampler would apply and block diffusion does not, with their "off"
+# value (None is always off).
+UNSUPPORTED_SAMPLING = {
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+    "logit_bias": None, "allowed_token_ids": None, "bad_words": None, "logprobs": None,
+    "prompt_logprobs": None, "structured_outputs": None,
+}
+
+
+def _is_off(value, off) -> bool:
+    return value is None or value == off or (isinstance(value, (list, tuple, dict, set)) and not value)
+
+
 class RequestKnobsValidator(LogitsProcessor):
     """Front-end check of per-request knobs (SamplingParams.extra_args / server `vllm_xargs`).
 
@@ -288,6 +312,13 @@ class RequestKnobsValidator(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
+        unsupported = [name for name, off in UNSUPPORTED_SAMPLING.items()
+                       if not _is_off(getattr(sampling_params, name, off), off)]
+        if unsupported:
+            raise ValueError(
+                f"SDAR block diffusion does not support {', '.join(unsupported)} (tokens are "
+                "denoised in blocks, not sampled by vLLM's sampler); leave them unset"
+            )
         extra = getattr(sampling_params, "extra_args", None) or {}
         if not any(key in extra for key in REQUEST_KNOBS):
             return

@@ -91,7 +91,13 @@ def configure(vllm_config) -> None:
         sched.scheduler_cls = scheduler_cls
     if vllm_config.parallel_config.worker_cls == "auto":
         vllm_config.parallel_config.worker_cls = worker_cls
-    if vllm_config.speculative_config is None:
+    spec = vllm_config.speculative_config
+    if spec is not None and not (spec.method == "custom_class" and spec.model == PROPOSER_CLS):
+        raise ValueError(
+            "SDAR models run block diffusion through vLLM's speculative-decoding slot; do not "
+            "pass a speculative config (choose the method with additional_config['dllm_spec'])"
+        )
+    if spec is None:
         vllm_config.speculative_config = SpeculativeConfig(
             method="custom_class",
             model=PROPOSER_CLS,
