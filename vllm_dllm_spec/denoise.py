@@ -28,7 +28,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 from vllm_dllm_spec.config import REMASKING_STRATEGIES, DenoiseParams, DLLMSpecConfig, SamplingKnobs
 from vllm_dllm_spec.reference.generate import exclude_mask_token, filter_top_k_top_p
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # under "vllm" so vLLM's log config applies
 SEQUENTIAL, STATIC, DYNAMIC, ENTROPY = (REMASKING_STRATEGIES.index(s) for s in REMASKING_STRATEGIES)
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: "no token" in a SamplerOutput row
 

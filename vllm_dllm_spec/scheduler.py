@@ -21,7 +21,7 @@ import time
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # under "vllm" so vLLM's log config applies
 LOG_INTERVAL_S = 10.0
 
 
@@ -37,7 +37,7 @@ class BlockDiffusionScheduler(Scheduler):
         self.step_maps: dict[str, list[int]] = {}  # request id -> step_map of its final tokens
         self.total_forwards = 0  # request-forwards of finished requests (observability)
         self.total_tokens = 0
-        self._last_log = time.monotonic()
+        self._last_log = float("-inf")
 
     # -- scheduling --------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
