@@ -1,0 +1,41 @@
+"""Tensor parallelism on CPU: TP=2 (two worker processes, gloo) gives the reference's tokens,
+forwards and step_map, hence the same outputs as TP=1 (tests/test_vllm_block_diffusion.py)."""
+import gc
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.mark.slow
+def test_tp2_equals_reference(tiny_tied_ckpt, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    from vllm import LLM, SamplingParams
+
+    from vllm_dllm_spec.reference import SDARModel, generate
+
+    llm = LLM(model=tiny_tied_ckpt, dtype="float32", max_model_len=256, enforce_eager=True,
+              max_num_seqs=8, block_size=32, tensor_parallel_size=2,
+              distributed_executor_backend="mp", seed=0)
+    try:
+        vocab = llm.llm_engine.model_config.hf_config.vocab_size
+        rng = random.Random(5)
+        prompts = [[rng.randrange(2, vocab) for _ in range(n)] for n in [2, 7, 12, 33]]
+        knobs = [{"remasking_strategy": s} for s in
+                 ["sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded"]]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            [SamplingParams(max_tokens=14, temperature=0, extra_args=k) for k in knobs],
+                            use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    ref = SDARModel.from_pretrained(tiny_tied_ckpt)
+    for p, k, o in zip(prompts, knobs, outs):
+        r = generate(ref, p, gen_length=14, fuse_commit=True, **k)
+        assert list(o.outputs[0].token_ids) == r.tokens, (len(p), k)
+        record = o.kv_transfer_params["dllm_spec"]
+        assert (record["num_forwards"], record["step_map"]) == (r.num_forwards, r.step_map)
