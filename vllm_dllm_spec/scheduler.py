@@ -43,8 +43,11 @@ class BlockDiffusionScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         B = self.block_length
         cfg = self.scheduler_config
-        # reserve budget for the masks appended below (at most B per request finishing a prompt)
-        reserve = B * min(self.max_num_running_reqs, len(self.running) + len(self.waiting))
+        # reserve budget for the masks appended below (at most B per request finishing a prompt:
+        # newly admitted ones and running ones still in a chunked prefill)
+        prefilling = sum(1 for r in self.running if not r.spec_token_ids)
+        admissible = max(self.max_num_running_reqs - len(self.running), 0)
+        reserve = B * (prefilling + min(admissible, len(self.waiting) + len(self.kv_holding_waiting)))
         reserve = min(reserve, self.max_num_scheduled_tokens // 2, cfg.max_num_batched_tokens // 2)
         saved = (self.max_num_scheduled_tokens, cfg.max_num_batched_tokens)
         self.max_num_scheduled_tokens -= reserve

@@ -10,6 +10,10 @@ What `install()` does (called by the plugin's `register()` in every vLLM process
 """
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger("vllm.vllm_dllm_spec.vllm_hooks")
+
 SUPPORTED_VLLM = ("0.32.",)
 ARCHITECTURE = "SDARForCausalLM"
 SCHEDULER_CLS = "vllm_dllm_spec.scheduler.BlockDiffusionScheduler"
@@ -87,6 +91,14 @@ def configure(vllm_config) -> None:
             f"length ({model_block})"
         )
     sched = vllm_config.scheduler_config
+    # Every running request needs up to 2 * B tokens per step (finished block's commit + the
+    # next block) and must never be cut inside a block; a request finishing its prompt gets B
+    # masks on top of its prompt tokens.
+    needed = 3 * model_block * sched.max_num_seqs
+    if sched.max_num_batched_tokens < needed:
+        logger.info("dllm_spec: raising max_num_batched_tokens from %d to %d (3 * block length * "
+                    "max_num_seqs)", sched.max_num_batched_tokens, needed)
+        sched.max_num_batched_tokens = needed
     if sched.scheduler_cls is None or sched.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler":
         sched.scheduler_cls = scheduler_cls
     if vllm_config.parallel_config.worker_cls == "auto":

@@ -1,0 +1,44 @@
+"""Chunked prefill and a tight token budget: long prompts are prefilled in chunks that end on
+SDAR block boundaries, running requests are never cut inside a block, and the outputs stay equal
+to the reference (chunks add forwards, so only tokens and step_map are compared)."""
+import gc
+import os
+import random
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def test_chunked_prefill_tight_budget(tiny_ckpt):
+    from vllm import LLM, SamplingParams
+
+    from vllm_dllm_spec.reference import SDARModel, generate
+
+    llm = LLM(model=tiny_ckpt, dtype="float32", max_model_len=512, enforce_eager=True,
+              max_num_seqs=4, block_size=32, max_num_batched_tokens=66,
+              enable_chunked_prefill=True, enable_prefix_caching=True, seed=0)
+    try:
+        cfg = llm.llm_engine.vllm_config.scheduler_config
+        assert cfg.max_num_batched_tokens == 66  # >= 3 * B * max_num_seqs: kept
+        vocab = llm.llm_engine.model_config.hf_config.vocab_size
+        rng = random.Random(11)
+        lengths = [150, 7, 101, 2, 66, 13]
+        prompts = [[rng.randrange(2, vocab) for _ in range(n)] for n in lengths]
+        knobs = [{"remasking_strategy": s} for s in
+                 ["low_confidence_static", "sequential", "entropy_bounded",
+                  "low_confidence_dynamic", "sequential", "low_confidence_static"]]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            [SamplingParams(max_tokens=15, temperature=0, extra_args=k) for k in knobs],
+                            use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    ref = SDARModel.from_pretrained(tiny_ckpt)
+    for p, k, o in zip(prompts, knobs, outs):
+        r = generate(ref, p, gen_length=15, fuse_commit=True, **k)
+        assert list(o.outputs[0].token_ids) == r.tokens, (len(p), k)
+        record = o.kv_transfer_params["dllm_spec"]
+        assert record["step_map"] == r.step_map
+        assert record["num_forwards"] >= r.num_forwards
