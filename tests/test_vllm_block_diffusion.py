@@ -98,20 +98,34 @@ def ckpt_b8(tmp_path_factory) -> str:
     return make_random_sdar_checkpoint(tmp_path_factory.mktemp("tiny_sdar_b8"), block_size=8, seed=2)
 
 
-CASES = [  # (checkpoint fixture, block length, prefix caching)
+@pytest.fixture(scope="module")
+def bundled_ckpt() -> str:
+    import vllm_dllm_spec
+
+    try:
+        return vllm_dllm_spec.bundled_model_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+CASES = [  # (checkpoint fixture, block length (None: the model's), prefix caching)
     ("tiny_ckpt", 4, False),
     ("tiny_ckpt", 4, True),
     ("ckpt_b8", 8, False),
     ("ckpt_b8", 8, True),
     ("tiny_tied_ckpt", 4, True),  # tied embeddings, GQA 4:1
+    ("bundled_ckpt", None, False),
+    ("bundled_ckpt", None, True),
 ]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-B{c[1]}-pc{int(c[2])}")
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-B{c[1] or 'model'}-pc{int(c[2])}")
 def engine(request):
     name, block_length, prefix_caching = request.param
     path = request.getfixturevalue(name)
     llm = make_llm(path, prefix_caching=prefix_caching)
+    if block_length is None:
+        block_length = int(llm.llm_engine.model_config.hf_config.block_size)
     yield path, block_length, prefix_caching, llm
     shutdown(llm)
 
