@@ -214,9 +214,6 @@ class BlockDiffusionProposer:
         block = torch.full((R, B), -2, dtype=torch.int64)  # -2: prompt column (not a mask)
         block[flat_row, flat_col] = draft_token_ids.long()
 
-        # the mask token is never a prediction (reference `exclude_mask_token`); draft_logits is
-        # the runner's gathered copy, so this is in place on our own tensor
-        draft_logits[:, mask_id] = float("-inf")
         token = torch.zeros(draft_token_ids.numel(), dtype=torch.int64)
         conf = torch.zeros(draft_token_ids.numel(), dtype=torch.float32)
         ent = torch.zeros(draft_token_ids.numel(), dtype=torch.float32)
