@@ -26,8 +26,9 @@ MAX_TOKENS = [23, 9, 30, 8, 17, 5, 25, 12]
 def make_llm(path: str, *, prefix_caching: bool, options: dict, **kw):
     from vllm import LLM
 
+    kw.setdefault("max_num_seqs", 32)
     return LLM(
-        model=path, dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=32,
+        model=path, dtype="float32", max_model_len=512, enforce_eager=True,
         block_size=32, enable_prefix_caching=prefix_caching, seed=0,
         additional_config={"dllm_spec": {"method": "simsd", **options}}, **kw,
     )
@@ -230,3 +231,72 @@ def test_rope_copy_off_exact_and_degrades(tiny_ckpt):
         rates[rope_copy] = (sum(sum(r["accepted_per_round"]) for r in records)
                             / sum(sum(r["drafted_per_round"]) for r in records))
     assert rates[True] > 0.5 and rates[True] > 2 * rates[False], rates
+
+
+@pytest.fixture(scope="module")
+def simsd_server(tiny_ckpt, tiny_tied_ckpt, tmp_path_factory):
+    """`vllm serve` (multiprocess engine) with SimSD and a separate draft, on 127.0.0.1."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    openai = pytest.importorskip("openai")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("simsd_serve") / "serve.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    options = {"method": "simsd", "draft_model": tiny_tied_ckpt, "num_draft_blocks": 2,
+               "remasking_strategy": "low_confidence_static"}
+    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", tiny_ckpt, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+           "--block-size", "32", "--max-num-seqs", "8", "--served-model-name", "sdar",
+           "--additional-config", json.dumps({"dllm_spec": options})]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            client.models.list()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"vllm serve not ready:\n{log_path.read_text()[-4000:]}")
+            time.sleep(2)
+    yield client, options
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_serve_openai_client(simsd_server, tiny_ckpt, tiny_tied_ckpt):
+    client, options = simsd_server
+    target = SDARModel.from_pretrained(tiny_ckpt)
+    draft = SDARModel.from_pretrained(tiny_tied_ckpt)
+    for prompt, n in [("The quick brown fox", 13), ("x", 9)]:
+        resp = client.completions.create(model="sdar", prompt=prompt, max_tokens=n, temperature=0,
+                                         extra_body={"return_token_ids": True})
+        choice = resp.choices[0]
+        r = simsd_generate(target, draft, choice.prompt_token_ids, gen_length=n, num_draft_blocks=2,
+                           draft_remasking_strategy="low_confidence_static")
+        assert choice.token_ids == r.tokens
+        record = resp.kv_transfer_params["dllm_spec"]
+        assert (record["target_forwards"], record["draft_forwards"], record["accepted_per_round"]) == (
+            r.target_forwards, r.draft_forwards, r.accepted_per_round)
+        stream = client.completions.create(model="sdar", prompt=prompt, max_tokens=n, temperature=0,
+                                           stream=True, extra_body={"return_token_ids": True})
+        ids = []
+        for chunk in stream:
+            if chunk.choices:
+                ids += getattr(chunk.choices[0], "token_ids", None) or []
+        assert ids == r.tokens
