@@ -23,13 +23,38 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(doc: str, presets: dict, argv=None) -> argparse.Namespace:
-    """--preset / --model / --out, shared by every benchmark."""
+def parse_args(doc: str, presets: dict, argv=None, draft: bool = False) -> argparse.Namespace:
+    """--preset / --model / --out (and --draft), shared by every benchmark."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=presets, default="default")
     parser.add_argument("--model", default=None, help="SDAR HF directory (default: the bundled target)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<name>.json)")
+    if draft:
+        parser.add_argument("--draft", default=None,
+                            help="draft SDAR directory for SimSD (default: the bundled draft with the "
+                                 "bundled target; none with --model)")
     return parser.parse_args(argv)
+
+
+def bundled_draft() -> str | None:
+    import vllm_dllm_spec
+
+    try:
+        return vllm_dllm_spec.bundled_model_path("draft")
+    except FileNotFoundError:
+        return None
+
+
+def shutdown(llm) -> None:
+    """Frees an in-process engine before the next one starts (its KV cache is large)."""
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # already down
+        pass
+    del llm
+    gc.collect()
 
 
 def machine() -> dict:

@@ -10,9 +10,12 @@ share an engine and differ by per-request `extra_args`). Methods:
   static      low_confidence_static, denoising_steps = B / 2 (two tokens per forward)
   dynamic     low_confidence_dynamic, threshold 0.85 (the baseline of the ratios)
   entropy     entropy_bounded, eb_threshold 0.35
-Reported per (method, block, batch): output tokens/s, tokens per forward, mean forwards per
-request, tokens finalised per step, and the tokens/s ratios against `dynamic` and `ar` of the
-same block and batch (measured in the same run, runs interleaved). Writes JSON and a PNG plot.
+  simsd_self  SimSD, the target drafts for itself (draft: dynamic 0.85), greedy_match
+  simsd       SimSD with the bundled draft model (when there is one)
+Reported per (method, block, batch): output tokens/s, tokens per (target) forward, mean
+forwards per request, tokens finalised per step, draft forwards and accepted tokens per round
+(SimSD), and the tokens/s ratios against `dynamic` and `ar` of the same block and batch
+(measured in the same run, runs interleaved). Writes JSON and a PNG plot.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ PRESETS = {
 
 
 def methods(block: int) -> dict[str, dict]:
-    """name -> per-request extra_args (the `dllm_spec` knobs)."""
+    """Plain block-diffusion methods: name -> per-request extra_args (the `dllm_spec` knobs).
+    They share one engine per block length."""
     return {
         "ar": {"remasking_strategy": "sequential", "denoising_steps": block},
         "static": {"remasking_strategy": "low_confidence_static", "denoising_steps": max(1, block // 2)},
@@ -41,6 +45,23 @@ def methods(block: int) -> dict[str, dict]:
     }
 
 
+def speculative_methods(block: int, draft_dir: str | None) -> dict[str, dict]:
+    """Methods that need their own engine: name -> engine `dllm_spec` option."""
+    simsd = {"method": "simsd", "remasking_strategy": "low_confidence_dynamic",
+             "confidence_threshold": 0.85, "verification": "greedy_match"}
+    table = {"simsd_self": simsd}
+    if draft_dir is not None:
+        table["simsd"] = {**simsd, "draft_model": common.model_at_block(draft_dir, block)}
+    return table
+
+
+def make_llm(model_dir: str, max_batch: int, options: dict | None = None):
+    from vllm import LLM
+
+    return LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=512,
+               max_num_seqs=max_batch, seed=0, additional_config={"dllm_spec": options or {}})
+
+
 def run_batch(llm, prompts, gen_length: int, extra_args: dict) -> dict:
     from vllm import SamplingParams
 
@@ -48,21 +69,26 @@ def run_batch(llm, prompts, gen_length: int, extra_args: dict) -> dict:
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    tokens = [len(o.outputs[0].token_ids) for o in outs]
-    forwards = [o.kv_transfer_params["dllm_spec"]["num_forwards"] for o in outs]
-    return {"seconds": seconds, "tokens": tokens, "forwards": forwards}
+    records = [o.kv_transfer_params["dllm_spec"] for o in outs]
+    return {"seconds": seconds, "tokens": [len(o.outputs[0].token_ids) for o in outs],
+            "forwards": [r["num_forwards"] for r in records],
+            "draft_forwards": [r.get("draft_forwards", 0) for r in records],
+            "accepted": [a for r in records for a in r.get("accepted_per_round", [])]}
 
 
 def summarize(runs: list[dict]) -> dict:
     seconds = statistics.median(r["seconds"] for r in runs)
-    tokens, forwards = runs[0]["tokens"], runs[0]["forwards"]
+    first = runs[0]  # greedy: every repetition has the same tokens and forwards
+    tokens, forwards = sum(first["tokens"]), sum(first["forwards"])
     return {
         "seconds_median": seconds,
-        "output_tokens": sum(tokens),
-        "tokens_per_s": sum(tokens) / seconds,
-        "tokens_per_forward": sum(tokens) / sum(forwards),
-        "mean_forwards_per_request": sum(forwards) / len(forwards),
-        "tokens_per_step": sum(tokens) / sum(forwards),  # tokens finalised per request-step
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_forward": tokens / forwards,  # per target forward for SimSD
+        "mean_forwards_per_request": forwards / len(first["forwards"]),
+        "tokens_per_step": tokens / forwards,  # tokens finalised per request-step
+        "draft_forwards_per_token": sum(first["draft_forwards"]) / tokens,
+        "accepted_per_round": (sum(first["accepted"]) / len(first["accepted"])) if first["accepted"] else None,
         "repetitions": len(runs),
     }
 
@@ -90,32 +116,42 @@ def plot(results: list[dict], path: Path) -> str | None:
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args(__doc__, PRESETS, argv)
+    args = common.parse_args(__doc__, PRESETS, argv, draft=True)
     preset = PRESETS[args.preset]
 
     from tqdm import tqdm
-    from vllm import LLM
 
     model_dir = args.model or common.default_model()
+    draft_dir = args.draft if args.draft else (None if args.model else common.bundled_draft())
     all_prompts = common.prompts(model_dir, max(preset["batches"]))
+    max_batch = max(preset["batches"])
     results = []
-    total = sum(len(methods(b)) * len(preset["batches"]) * preset["reps"] for b in preset["blocks"])
-    bar = tqdm(total=total, desc="throughput", unit="run")
+    per_block = len(methods(4)) + len(speculative_methods(4, draft_dir))
+    bar = tqdm(total=len(preset["blocks"]) * per_block * len(preset["batches"]) * preset["reps"],
+               desc="throughput", unit="run")
     for block in preset["blocks"]:
-        llm = LLM(model=common.model_at_block(model_dir, block), dtype="float32", enforce_eager=True,
-                  max_model_len=512, max_num_seqs=max(preset["batches"]), seed=0)
-        table = methods(block)
-        run_batch(llm, all_prompts[:2], 8, table["dynamic"])  # warm-up
+        target = common.model_at_block(model_dir, block)
+        # one engine per configuration, all alive at once, so runs interleave (drift hits every
+        # method alike); plain methods share one engine and differ by per-request knobs
+        engines = {"plain": make_llm(target, max_batch)}
+        runs_of = {name: ("plain", extra) for name, extra in methods(block).items()}
+        for name, options in speculative_methods(block, draft_dir).items():
+            engines[name] = make_llm(target, max_batch, options)
+            runs_of[name] = (name, {})
+        for llm in engines.values():
+            run_batch(llm, all_prompts[:2], 8, {})  # warm-up
         for batch in preset["batches"]:
-            runs: dict[str, list[dict]] = {name: [] for name in table}
+            runs: dict[str, list[dict]] = {name: [] for name in runs_of}
             for _ in range(preset["reps"]):
-                for name, extra in table.items():  # interleaved: drift hits every method alike
-                    runs[name].append(run_batch(llm, all_prompts[:batch], preset["gen_length"], extra))
+                for name, (engine, extra) in runs_of.items():
+                    runs[name].append(run_batch(engines[engine], all_prompts[:batch], preset["gen_length"], extra))
                     bar.update()
-            for name in table:
-                results.append({"method": name, "block": block, "batch": batch, "knobs": table[name],
+            for name, (engine, extra) in runs_of.items():
+                knobs = extra or speculative_methods(block, draft_dir)[name]
+                results.append({"method": name, "block": block, "batch": batch, "knobs": knobs,
                                 **summarize(runs[name])})
-        del llm
+        for llm in engines.values():
+            common.shutdown(llm)
     bar.close()
     for r in results:
         same = {x["method"]: x for x in results if x["block"] == r["block"] and x["batch"] == r["batch"]}

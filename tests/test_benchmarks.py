@@ -10,9 +10,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_bench(script: str, model: str, out: Path) -> str:
+def run_bench(script: str, model: str, out: Path, *extra: str) -> str:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--preset", "smoke", "--model", model,
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY")]
     assert len(summary) == 1, proc.stdout[-2000:]
@@ -20,13 +20,13 @@ def run_bench(script: str, model: str, out: Path) -> str:
 
 
 @pytest.mark.slow
-def test_throughput_smoke(tiny_ckpt, tmp_path):
+def test_throughput_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
     out = tmp_path / "throughput.json"
-    run_bench("throughput.py", tiny_ckpt, out)
+    run_bench("throughput.py", tiny_ckpt, out, "--draft", tiny_tied_ckpt)
     data = json.loads(out.read_text())
     assert data["machine"]["cores"] >= 1
     rows = data["results"]
-    assert {r["method"] for r in rows} == {"ar", "static", "dynamic", "entropy"}
+    assert {r["method"] for r in rows} == {"ar", "static", "dynamic", "entropy", "simsd", "simsd_self"}
     for r in rows:
         same = {x["method"]: x for x in rows if x["block"] == r["block"] and x["batch"] == r["batch"]}
         assert r["ratio_vs_ar"] == pytest.approx(r["tokens_per_s"] / same["ar"]["tokens_per_s"])
@@ -38,6 +38,10 @@ def test_throughput_smoke(tiny_ckpt, tmp_path):
     # forward accounting: one token per forward for ar; static (B/2 steps) halves the forwards
     assert all(r["tokens_per_forward"] <= 1.0 for r in ar)
     assert all(s["tokens_per_forward"] > a["tokens_per_forward"] for s, a in zip(static, ar))
+    for r in rows:  # SimSD rows carry the draft's cost and the acceptance
+        speculative = r["method"].startswith("simsd")
+        assert (r["draft_forwards_per_token"] > 0) == speculative
+        assert (r["accepted_per_round"] is not None) == speculative
     assert out.with_suffix(".png").is_file()
 
 
@@ -85,4 +89,5 @@ def test_report_renders_from_json_only(tmp_path):
     for _ in range(2):
         subprocess.run(cmd, check=True, capture_output=True)
     text = readme.read_text()
-    assert text.count("## Performance") == 1 and "| 4 | 8 | ar | 123 |" in text and "TestCPU" in text
+    assert text.count("## Performance") == 1 and "| 4 | 8 | ar | 123 | 1.00 | 16.0 | 0.00 | - |" in text
+    assert "TestCPU" in text
