@@ -140,3 +140,40 @@ def test_server_logs_tokens_per_forward(server):
         client.completions.create(model="sdar", prompt="the lazy dog", max_tokens=4, temperature=0)
         time.sleep(3)
     assert "tokens per forward" in log_path.read_text()
+
+
+def test_metrics_report_tokens_per_forward(server):
+    """/metrics: accepted tokens / drafts of vLLM's spec-decode counters = tokens per forward
+    (block-diffusion meaning, as vLLM's own diffusion path uses them)."""
+    import urllib.request
+
+    client, _ = server
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+
+    def counters():
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+        values = {}
+        for line in text.splitlines():
+            for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total"):
+                if line.startswith(name):
+                    values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return values
+
+    before = counters()
+    knobs = {"remasking_strategy": "low_confidence_static", "denoising_steps": 2}
+    resp = client.completions.create(model="sdar", prompt="abcd", max_tokens=8, temperature=0,
+                                      extra_body={"vllm_xargs": knobs})
+    record = resp.kv_transfer_params["dllm_spec"]
+    deadline = time.monotonic() + 20
+    while True:  # stats reach the front-end asynchronously
+        after = counters()
+        drafts = after["vllm:spec_decode_num_drafts_total"] - before.get("vllm:spec_decode_num_drafts_total", 0)
+        if drafts >= record["num_forwards"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    accepted = (after["vllm:spec_decode_num_accepted_tokens_total"]
+                - before.get("vllm:spec_decode_num_accepted_tokens_total", 0))
+    assert drafts == record["num_forwards"]
+    # static with 2 steps per block of 4: at most 2 tokens per forward (the first block may hold
+    # prompt tokens); accepted also counts the cut-off tail of the last block
+    assert 8 <= accepted <= 8 + 4 and 1.0 <= accepted / drafts <= 2.0

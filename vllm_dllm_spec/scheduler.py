@@ -87,7 +87,9 @@ class BlockDiffusionScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         for rid, steps in (getattr(model_runner_output, "dllm_step_maps", None) or {}).items():
             self.step_maps.setdefault(rid, []).extend(steps)
+        self._step_stats = self._denoising_stats(scheduler_output, model_runner_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._step_stats = None
         B = self.block_length
         sampled = model_runner_output.sampled_token_ids
         index = model_runner_output.req_id_to_index
@@ -100,6 +102,36 @@ class BlockDiffusionScheduler(Scheduler):
             # start of the in-progress block, or of the block that just finished (its commit)
             req.num_computed_tokens = (req.num_tokens - n_new) // B * B
         return outputs
+
+    # -- metrics -------------------------------------------------------------------------------
+    # vLLM's spec-decode stats carry the block-diffusion counts with the meaning vLLM's own
+    # diffusion path gives them (v1/spec_decode/metrics.py): one "draft" = one request-forward
+    # (denoising step), draft tokens = block tokens fed, accepted tokens = tokens made final.
+    # So on /metrics: tokens per forward = vllm:spec_decode_num_accepted_tokens_total /
+    # vllm:spec_decode_num_drafts_total (vLLM's log prints 1 + that as "Mean acceptance length").
+    _step_stats = None
+
+    def _denoising_stats(self, scheduler_output, model_runner_output):
+        if not self.log_stats:
+            return None
+        from vllm.v1.spec_decode.metrics import SpecDecodingStats
+
+        stats = SpecDecodingStats.new(self.num_spec_tokens)
+        sampled = model_runner_output.sampled_token_ids
+        index = model_runner_output.req_id_to_index
+        for rid, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+            n_new = len(sampled[index[rid]]) if sampled and rid in index else 0
+            stats.observe_draft(num_draft_tokens=len(drafts),
+                                num_accepted_tokens=min(n_new, self.num_spec_tokens))
+        return stats
+
+    def make_spec_decoding_stats(self, spec_decoding_stats, *args, **kwargs):
+        return None  # replaced by _denoising_stats (vLLM's count assumes AR verification)
+
+    def make_stats(self, spec_decoding_stats=None, *args, **kwargs):
+        if spec_decoding_stats is None:
+            spec_decoding_stats = self._step_stats
+        return super().make_stats(spec_decoding_stats, *args, **kwargs)
 
     def _free_request(self, request, *args, **kwargs):
         """On finish, the request's block-diffusion record rides on the one per-request dict
