@@ -1,4 +1,4 @@
-"""Chunked prefill and a tight token budget: long prompts are prefilled in chunks that end on
+"""Scheduling stress. Chunked prefill and a tight token budget: long prompts are prefilled in chunks that end on
 SDAR block boundaries, running requests are never cut inside a block, and the outputs stay equal
 to the reference (chunks add forwards, so only tokens and step_map are compared)."""
 import gc
@@ -42,3 +42,42 @@ def test_chunked_prefill_tight_budget(tiny_ckpt):
         record = o.kv_transfer_params["dllm_spec"]
         assert record["step_map"] == r.step_map
         assert record["num_forwards"] >= r.num_forwards
+
+
+def test_preemption_keeps_greedy_output(tiny_ckpt):
+    """A KV cache too small for the batch forces preemptions: a preempted request loses its KV
+    and in-progress block, resumes with a block-causal re-prefill of its final tokens and
+    restarts the block from masks; greedy tokens stay equal to the reference (forwards grow)."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_dllm_spec.reference import SDARModel, generate
+
+    llm = LLM(model=tiny_ckpt, dtype="float32", max_model_len=256, enforce_eager=True,
+              max_num_seqs=8, block_size=32, num_gpu_blocks_override=10,
+              enable_prefix_caching=False, seed=0)
+    try:
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        preempt, preemptions = scheduler._preempt_request, []
+
+        def counting_preempt(request, *args, **kwargs):
+            preemptions.append(request.request_id)
+            return preempt(request, *args, **kwargs)
+
+        scheduler._preempt_request = counting_preempt
+        vocab = llm.llm_engine.model_config.hf_config.vocab_size
+        rng = random.Random(3)
+        prompts = [[rng.randrange(2, vocab) for _ in range(rng.randrange(20, 60))] for _ in range(8)]
+        knobs = {"remasking_strategy": "low_confidence_static"}
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                           extra_args=knobs), use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    assert preemptions, "the test must preempt"
+    ref = SDARModel.from_pretrained(tiny_ckpt)
+    for p, o in zip(prompts, outs):
+        r = generate(ref, p, gen_length=40, fuse_commit=True, eos_token_id=-1, **knobs)
+        assert list(o.outputs[0].token_ids) == r.tokens, len(p)
+        assert o.kv_transfer_params["dllm_spec"]["num_forwards"] >= r.num_forwards
