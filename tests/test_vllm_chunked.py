@@ -1,6 +1,6 @@
-"""Scheduling stress. Chunked prefill and a tight token budget: long prompts are prefilled in chunks that end on
-SDAR block boundaries, running requests are never cut inside a block, and the outputs stay equal
-to the reference (chunks add forwards, so only tokens and step_map are compared)."""
+"""Scheduling stress: chunked prefill under a tight token budget (prompt chunks end on SDAR
+block boundaries, running requests are never cut inside a block) and preemption; the outputs
+stay equal to the reference (chunks and re-prefills add forwards, so those are bounded below)."""
 import gc
 import os
 import random
