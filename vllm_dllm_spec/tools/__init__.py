@@ -1,0 +1,1 @@
+"""Maintenance tools: training and evaluating the bundled tiny SDAR checkpoints."""
