@@ -16,7 +16,9 @@ REMASKING_STRATEGIES = (
     "low_confidence_dynamic",
     "entropy_bounded",
 )
-METHODS = ("block_diffusion", "simsd")
+from vllm_dllm_spec.methods import METHOD_REGISTRY  # noqa: E402  (no vLLM / torch import)
+
+METHODS = tuple(METHOD_REGISTRY)
 VERIFICATIONS = ("greedy_match", "mrs")
 
 

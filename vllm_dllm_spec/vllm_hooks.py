@@ -16,8 +16,6 @@ logger = logging.getLogger("vllm.vllm_dllm_spec.vllm_hooks")
 
 SUPPORTED_VLLM = ("0.32.",)
 ARCHITECTURE = "SDARForCausalLM"
-SCHEDULER_CLS = "vllm_dllm_spec.scheduler.BlockDiffusionScheduler"
-WORKER_CLS = "vllm_dllm_spec.worker.DLLMWorker"
 PROPOSER_CLS = "vllm_dllm_spec.denoise.BlockDiffusionProposer"
 VALIDATOR_CLS = "vllm_dllm_spec.denoise:RequestKnobsValidator"
 
@@ -71,12 +69,11 @@ def configure(vllm_config) -> None:
         "confidence_threshold": params.confidence_threshold,
         "eb_threshold": params.eb_threshold,
     }
-    scheduler_cls, worker_cls, num_spec = SCHEDULER_CLS, WORKER_CLS, model_block
-    if cfg.method == "simsd":  # SimSD's own classes and knobs (vllm_dllm_spec/simsd)
-        from vllm_dllm_spec.simsd.hooks import method_overrides
+    from vllm_dllm_spec.methods import get_method
 
-        scheduler_cls, worker_cls, num_spec, simsd_options = method_overrides(cfg, model_block, hf)
-        additional["dllm_spec"].update(simsd_options)
+    plan = get_method(cfg.method).plan(cfg, model_block, hf)
+    additional["dllm_spec"].update(plan.options)
+    scheduler_cls, worker_cls, num_spec = plan.scheduler_cls, plan.worker_cls, plan.num_speculative_tokens
     vllm_config.additional_config = additional
 
     if not current_platform.is_cpu():

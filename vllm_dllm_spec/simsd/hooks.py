@@ -4,13 +4,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_dllm_spec.methods import MethodPlan
+
 SCHEDULER_CLS = "vllm_dllm_spec.simsd.scheduler.SimSDScheduler"
 WORKER_CLS = "vllm_dllm_spec.simsd.runner.SimSDWorker"
 
 
-def method_overrides(cfg, model_block: int, hf_config) -> tuple[str, str, int, dict]:
-    """-> (scheduler_cls, worker_cls, num_speculative_tokens, normalized simsd options).
-    Raises ValueError on a bad draft model."""
+class SimSD:
+    """SimSD (registered in vllm_dllm_spec.methods): the spec-token slots hold the verify region."""
+
+    def plan(self, cfg, model_block: int, hf_config) -> MethodPlan:
+        return plan_simsd(cfg, model_block, hf_config)
+
+
+def plan_simsd(cfg, model_block: int, hf_config) -> MethodPlan:
+    """Validated simsd knobs and the classes vLLM must use. Raises ValueError on a bad draft
+    model."""
     params = cfg.simsd_params(model_block)
     draft = cfg.draft_model
     if draft is not None:
@@ -30,4 +39,4 @@ def method_overrides(cfg, model_block: int, hf_config) -> tuple[str, str, int, d
         "verification": params.verification,
         "rope_copy": params.rope_copy,
     }
-    return SCHEDULER_CLS, WORKER_CLS, region, options
+    return MethodPlan(SCHEDULER_CLS, WORKER_CLS, region, options)

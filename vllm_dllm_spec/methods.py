@@ -1,0 +1,47 @@
+"""The decoding methods: each is a class behind one Protocol, chosen by name from a registry.
+
+A method tells the config hook (`vllm_hooks.configure`) which scheduler and worker classes
+vLLM must use, how many speculative-token slots a request needs per step, and its own
+normalized knobs. Entries are import strings, so this module (and config.py, which takes the
+method names from here) loads without vLLM or torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from vllm_dllm_spec.config import DLLMSpecConfig
+
+
+class MethodPlan(NamedTuple):
+    scheduler_cls: str  # import path vLLM instantiates
+    worker_cls: str
+    num_speculative_tokens: int  # spec-token slots a request may use in one step
+    options: dict  # method-specific normalized knobs, merged into additional_config["dllm_spec"]
+
+
+class DecodingMethod(Protocol):
+    def plan(self, cfg: "DLLMSpecConfig", model_block: int, hf_config) -> MethodPlan:
+        """Validates the method's own knobs against the model (ValueError naming the knob)."""
+
+
+class BlockDiffusion:
+    """Plain SDAR block diffusion: the in-progress block travels as B spec tokens."""
+
+    def plan(self, cfg, model_block: int, hf_config) -> MethodPlan:
+        return MethodPlan("vllm_dllm_spec.scheduler.BlockDiffusionScheduler",
+                          "vllm_dllm_spec.worker.DLLMWorker", model_block, {})
+
+
+METHOD_REGISTRY: dict[str, str] = {
+    "block_diffusion": "vllm_dllm_spec.methods:BlockDiffusion",
+    "simsd": "vllm_dllm_spec.simsd.hooks:SimSD",
+}
+
+
+def get_method(name: str) -> DecodingMethod:
+    if name not in METHOD_REGISTRY:
+        raise ValueError(f"method must be one of {tuple(METHOD_REGISTRY)}, got {name!r}")
+    module, cls = METHOD_REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
