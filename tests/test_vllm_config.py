@@ -87,6 +87,7 @@ def llm(tiny_ckpt):
         ({"denoising_steps": 9}, r"denoising_steps must be an integer in \[1, block_length=4\]"),
         ({"block_length": 8}, "block_length must be the model's trained block size 4"),
         ({"method": "spiffy"}, "method must be one of"),
+        ({"method": "simsd"}, "method is chosen per engine"),
     ],
 )
 def test_bad_request_knobs_are_refused_and_engine_keeps_serving(llm, extra, message):

@@ -48,6 +48,12 @@ def resolve_request_params(
         if extra_args and key in extra_args:
             merged[key] = extra_args[key]
     cfg = DLLMSpecConfig.from_dict(merged)
+    engine_method = engine_options.get("method", "block_diffusion")
+    if cfg.method != engine_method:
+        raise ValueError(
+            f"method is chosen per engine (additional_config['dllm_spec']); this engine runs "
+            f"{engine_method!r}, got {cfg.method!r} for the request"
+        )
     params = cfg.denoise_params(model_block_size)
     if params.block_length != model_block_size:
         raise ValueError(

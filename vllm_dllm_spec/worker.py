@@ -76,6 +76,11 @@ class DLLMModelRunner(CPUModelRunner):
         assert sampled.shape[1] == B + 1
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
 
+    def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
+        # vLLM zeroes the drafts when a drafter model would run past max_model_len; ours is no
+        # model (the drafts are the blocks themselves), so they are always valid
+        return common_attn_metadata is not None
+
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         return self.drafter.propose(sampled_token_ids)
 
