@@ -161,3 +161,24 @@ def test_sampler_only_params_are_refused(llm, kw):
     with pytest.raises(VLLMValidationError, match="SDAR block diffusion does not support"):
         llm.generate([{"prompt_token_ids": [5, 6, 7]}],
                      SamplingParams(max_tokens=4, temperature=0, **kw), use_tqdm=False)
+
+
+def test_stop_string_cuts_text(llm):
+    """Stop strings are applied by vLLM's detokenizer to the block-wise output: the text ends
+    right before the stop string, and the tokens are a prefix of the unstopped output."""
+    from vllm import SamplingParams
+
+    prompt = [31, 32, 33, 34, 35, 36, 37]
+    knobs = {"remasking_strategy": "sequential"}
+    full = llm.generate([{"prompt_token_ids": prompt}],
+                        SamplingParams(max_tokens=24, temperature=0, extra_args=knobs),
+                        use_tqdm=False)[0].outputs[0]
+    text = full.text
+    cut_at = next(i for i in range(len(text) // 2, len(text)) if text[i:i + 2].strip())
+    stop = text[cut_at:cut_at + 2]
+    out = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(max_tokens=24, temperature=0, stop=[stop], extra_args=knobs),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert list(out.token_ids) == list(full.token_ids)[: len(out.token_ids)]
