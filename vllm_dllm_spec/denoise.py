@@ -21,12 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from vllm_dllm_spec.config import REMASKING_STRATEGIES, DenoiseParams, DLLMSpecConfig, SamplingKnobs
-from vllm_dllm_spec.reference.generate import exclude_mask_token, filter_top_k_top_p
+from vllm_dllm_spec.reference.generate import filter_top_k_top_p
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so vLLM's log config applies
 SEQUENTIAL, STATIC, DYNAMIC, ENTROPY = (REMASKING_STRATEGIES.index(s) for s in REMASKING_STRATEGIES)
@@ -63,12 +64,13 @@ def resolve_request_params(
     return params
 
 
-def predict_greedy(logits: torch.Tensor):
-    """logits [T, V] -> token [T], confidence [T], entropy [T] (reference `predict`, T=0)."""
+def predict_greedy(logits: torch.Tensor, with_entropy: bool = True):
+    """logits [T, V] -> token [T], confidence [T], entropy [T] (reference `predict`, T=0).
+    Without with_entropy the entropy is zeros (only entropy_bounded reads it)."""
     probs = logits.float().softmax(-1)  # [T, V]
     token = probs.argmax(-1)  # [T]
     confidence = probs.gather(-1, token[:, None]).squeeze(-1)  # [T]
-    entropy = torch.special.entr(probs).sum(-1)  # [T]
+    entropy = torch.special.entr(probs).sum(-1) if with_entropy else torch.zeros_like(confidence)
     return token, confidence, entropy
 
 
@@ -192,93 +194,86 @@ class BlockDiffusionProposer:
         sampling_params: list,  # per request
         first_draft_pos: list[int],  # per request: position of its first draft token
         num_drafts: list[int],  # per request (0: a prompt chunk, nothing to denoise)
-        draft_token_ids: torch.Tensor,  # [sum(num_drafts)] current block tokens (masks incl.)
-        draft_logits: torch.Tensor,  # [sum(num_drafts), V] logits AT the draft positions
+        draft_token_ids: torch.Tensor,  # [T = sum(num_drafts)] current block tokens (masks incl.)
+        draft_logits: torch.Tensor,  # [T, V] logits AT the draft positions (a copy: edited here)
         generators: Mapping[int, torch.Generator],
     ) -> torch.Tensor:  # [num_reqs, block_length] finished tokens, PLACEHOLDER elsewhere
         B, mask_id = self.block_length, self.mask_token_id
-        # the mask token is never a prediction (reference.generate.exclude_mask_token)
-        draft_logits = exclude_mask_token(draft_logits, mask_id)
         num_reqs = len(req_ids)
         out = torch.full((num_reqs, B), PLACEHOLDER, dtype=torch.int64)
         self._drafts = [[] for _ in range(num_reqs)]
         self.finished_step_maps = {}
         rows = [i for i in range(num_reqs) if num_drafts[i] > 0]
-        for i in rows:
-            self.state_for(req_ids[i], sampling_params[i])
         if not rows:
             return out
-        R = len(rows)
-        rows_t = torch.tensor(rows)
-        nd = torch.tensor([num_drafts[i] for i in rows])  # [R]
-        # scatter the flat drafts into a right-aligned [R, B] block view (the drafts are the last
-        # nd columns of the block; the leftover prompt tokens before them never change)
-        col = B - nd  # [R] column of the first draft
-        flat_row = torch.repeat_interleave(torch.arange(R), nd)  # [T]
-        flat_col = torch.arange(draft_token_ids.numel()) - torch.repeat_interleave(nd.cumsum(0) - nd, nd)
-        flat_col = flat_col + col[flat_row]
-        block = torch.full((R, B), -2, dtype=torch.int64)  # -2: prompt column (not a mask)
-        block[flat_row, flat_col] = draft_token_ids.long()
+        states = [self.state_for(req_ids[i], sampling_params[i]) for i in rows]
+        R, T = len(rows), draft_token_ids.numel()
+        # the mask token is never a prediction (reference `exclude_mask_token`), in place on the
+        # runner's gathered copy
+        draft_logits[:, mask_id] = float("-inf")
 
-        token = torch.zeros(draft_token_ids.numel(), dtype=torch.int64)
-        conf = torch.zeros(draft_token_ids.numel(), dtype=torch.float32)
-        ent = torch.zeros(draft_token_ids.numel(), dtype=torch.float32)
-        states = [self.states[req_ids[i]] for i in rows]
-        greedy = torch.tensor([st.knobs.temperature == 0.0 for st in states])  # [R]
-        g_flat = greedy[flat_row]  # [T]
-        if bool(g_flat.any()):
-            t, c, e = predict_greedy(draft_logits[g_flat])
-            token[g_flat], conf[g_flat], ent[g_flat] = t, c, e
-        if not bool(g_flat.all()):
-            starts = (nd.cumsum(0) - nd).tolist()
+        # small per-request bookkeeping in numpy; the drafts are the last nd columns of their
+        # block (the leftover prompt tokens before them never change)
+        nd = np.array([num_drafts[i] for i in rows])  # [R]
+        starts = np.cumsum(nd) - nd  # [R] first flat index of each request
+        flat_row = np.repeat(np.arange(R), nd)  # [T]
+        flat_col = np.arange(T) - starts[flat_row] + (B - nd)[flat_row]  # [T]
+        fr, fc = torch.from_numpy(flat_row), torch.from_numpy(flat_col)
+        block = torch.full((R, B), -2, dtype=torch.int64)  # -2: a prompt column (not a mask)
+        block[fr, fc] = draft_token_ids.long()
+
+        greedy = np.array([st.knobs.temperature == 0.0 for st in states])  # [R]
+        need_entropy = any(st.strategy == ENTROPY for st in states)
+        if greedy.all():
+            token, conf, ent = predict_greedy(draft_logits, need_entropy)
+        else:
+            token = torch.zeros(T, dtype=torch.int64)
+            conf = torch.zeros(T, dtype=torch.float32)
+            ent = torch.zeros(T, dtype=torch.float32)
+            g_flat = torch.from_numpy(greedy[flat_row])  # [T]
+            if bool(g_flat.any()):
+                token[g_flat], conf[g_flat], ent[g_flat] = predict_greedy(draft_logits[g_flat], need_entropy)
             for j, st in enumerate(states):  # sampled requests: one call each (per-request knobs)
-                if st.knobs.temperature == 0.0:
-                    continue
-                sl = slice(starts[j], starts[j] + int(nd[j]))
-                t, c, e = predict_sampled(draft_logits[sl], st.knobs, generators.get(rows[j]))
-                token[sl], conf[sl], ent[sl] = t, c, e
-        tok2 = torch.zeros((R, B), dtype=torch.int64)
+                if not greedy[j]:
+                    sl = slice(int(starts[j]), int(starts[j] + nd[j]))
+                    token[sl], conf[sl], ent[sl] = predict_sampled(
+                        draft_logits[sl], st.knobs, generators.get(rows[j]))
+        tok2 = torch.zeros((R, B), dtype=torch.int64)  # [R, B]
         conf2 = torch.zeros((R, B), dtype=torch.float32)
         ent2 = torch.zeros((R, B), dtype=torch.float32)
-        tok2[flat_row, flat_col], conf2[flat_row, flat_col], ent2[flat_row, flat_col] = token, conf, ent
+        tok2[fr, fc], conf2[fr, fc], ent2[fr, fc] = token, conf, ent
 
         # per-request step bookkeeping (a new block starts when its position moves)
-        steps = []
         for j, st in enumerate(states):
             start = first_draft_pos[rows[j]] // B * B
             if start != st.block_start:
                 st.block_start, st.step, st.unmasked_at = start, 0, [-1] * B
-            steps.append(st.step)
+        steps = [st.step for st in states]
         is_mask = block == mask_id  # [R, B]
-        n_masks = is_mask.sum(1)  # [R]
         transfer = torch.tensor(
-            [st.transfer[s] if s < len(st.transfer) else 1 for st, s in zip(states, steps)]
-        )
-        k = torch.minimum(transfer, n_masks)
+            [st.transfer[s] if s < len(st.transfer) else 1 for st, s in zip(states, steps)])
+        k = torch.minimum(transfer, is_mask.sum(1))  # [R]
         chosen = select_to_unmask(
             torch.tensor([st.strategy for st in states]), k,
             torch.tensor([st.params.confidence_threshold for st in states], dtype=torch.float32),
             torch.tensor([st.params.eb_threshold for st in states], dtype=torch.float32),
             is_mask, conf2, ent2,
-        )
+        )  # [R, B]
         new_block = torch.where(chosen, tok2, block)  # [R, B]
         done = ~(new_block == mask_id).any(1)  # [R]
-        step_t = torch.tensor(steps)
-        unmasked_at = torch.where(chosen, step_t[:, None], torch.tensor([st.unmasked_at for st in states]))
+        unmasked_at = torch.where(chosen, torch.tensor(steps)[:, None],
+                                  torch.tensor([st.unmasked_at for st in states]))  # [R, B]
         # finished blocks -> outputs (draft columns only)
-        is_draft = block != -2
-        out_rows = torch.where(done[:, None] & is_draft, new_block, torch.full_like(new_block, PLACEHOLDER))
-        out[rows_t] = out_rows
-        new_list, ua_list, done_list, nd_list = (
-            new_block.tolist(), unmasked_at.tolist(), done.tolist(), nd.tolist())
+        finished = done[:, None] & (block != -2)
+        out[torch.tensor(rows)] = torch.where(finished, new_block, PLACEHOLDER)
+        new_list, ua_list, done_list = new_block.tolist(), unmasked_at.tolist(), done.tolist()
         for j, st in enumerate(states):
-            d = nd_list[j]
+            d = int(nd[j])
+            st.step += 1
             if done_list[j]:
                 self.finished_step_maps[req_ids[rows[j]]] = ua_list[j][B - d:]
-                st.step += 1
                 self._drafts[rows[j]] = [mask_id] * B  # the next block starts fully masked
             else:
-                st.step += 1
                 st.unmasked_at = ua_list[j]
                 self._drafts[rows[j]] = new_list[j][B - d:]
         return out
