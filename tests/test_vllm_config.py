@@ -182,3 +182,30 @@ def test_stop_string_cuts_text(llm):
     assert out.text == text[: text.index(stop)]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert list(out.token_ids) == list(full.token_ids)[: len(out.token_ids)]
+
+
+def test_seeded_sampling_equals_reference(llm, tiny_ckpt):
+    """temperature / top_k / top_p with a seed: vLLM's per-request generator is seeded like the
+    reference's and consumed the same way (B rows per step), so sampled outputs are equal token
+    for token too, for every strategy."""
+    import random
+
+    from vllm import SamplingParams
+
+    from vllm_dllm_spec.reference import SDARModel, generate
+
+    ref = SDARModel.from_pretrained(tiny_ckpt)
+    rng = random.Random(9)
+    prompts = [[rng.randrange(2, 400) for _ in range(n)] for n in [1, 3, 6, 9, 17, 30, 4, 11]]
+    strategies = ["sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded"]
+    knobs = [dict(temperature=1.0), dict(temperature=0.7, top_k=20), dict(temperature=1.3, top_p=0.8),
+             dict(temperature=1.0, top_k=50, top_p=0.9)]
+    cases = [(knobs[i % 4], strategies[(i // 2) % 4], 100 + i) for i in range(8)]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        [SamplingParams(max_tokens=18, seed=seed, extra_args={"remasking_strategy": strat}, **kw)
+         for kw, strat, seed in cases], use_tqdm=False)
+    for p, (kw, strat, seed), o in zip(prompts, cases, outs):
+        r = generate(ref, p, gen_length=18, fuse_commit=True, seed=seed, remasking_strategy=strat, **kw)
+        assert list(o.outputs[0].token_ids) == r.tokens, (len(p), kw, strat)
+        assert o.kv_transfer_params["dllm_spec"]["num_forwards"] == r.num_forwards

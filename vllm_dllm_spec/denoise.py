@@ -235,9 +235,14 @@ class BlockDiffusionProposer:
                 token[g_flat], conf[g_flat], ent[g_flat] = predict_greedy(draft_logits[g_flat], need_entropy)
             for j, st in enumerate(states):  # sampled requests: one call each (per-request knobs)
                 if not greedy[j]:
-                    sl = slice(int(starts[j]), int(starts[j] + nd[j]))
-                    token[sl], conf[sl], ent[sl] = predict_sampled(
-                        draft_logits[sl], st.knobs, generators.get(rows[j]))
+                    # sample all B rows of the block like the reference does (prompt columns get
+                    # a dummy row): a row's draw does not depend on the other rows, so a seeded
+                    # request consumes its generator exactly as the reference's loop
+                    d, sl = int(nd[j]), slice(int(starts[j]), int(starts[j] + nd[j]))
+                    rows_logits = draft_logits.new_zeros((B, draft_logits.shape[1]))  # [B, V]
+                    rows_logits[B - d:] = draft_logits[sl]
+                    t, c, e = predict_sampled(rows_logits, st.knobs, generators.get(rows[j]))
+                    token[sl], conf[sl], ent[sl] = t[B - d:], c[B - d:], e[B - d:]
         tok2 = torch.zeros((R, B), dtype=torch.int64)  # [R, B]
         conf2 = torch.zeros((R, B), dtype=torch.float32)
         ent2 = torch.zeros((R, B), dtype=torch.float32)
