@@ -81,3 +81,39 @@ def test_preemption_keeps_greedy_output(tiny_ckpt):
         r = generate(ref, p, gen_length=40, fuse_commit=True, eos_token_id=-1, **knobs)
         assert list(o.outputs[0].token_ids) == r.tokens, len(p)
         assert o.kv_transfer_params["dllm_spec"]["num_forwards"] >= r.num_forwards
+
+
+def test_requests_arriving_while_others_decode(tiny_ckpt):
+    """Continuous batching: requests join a running batch (a 1-token prompt, which vLLM pads
+    with placeholder drafts for uniform decode batches, and a prompt with a prefix-cache hit);
+    every output equals the reference, forwards included."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_dllm_spec.reference import SDARModel, generate
+
+    llm = LLM(model=tiny_ckpt, dtype="float32", max_model_len=256, enforce_eager=True,
+              max_num_seqs=8, block_size=32, enable_prefix_caching=True, seed=0)
+    prompts = {"a": [5, 6, 7, 8, 9, 10], "c": list(range(20, 53)), "b": [11],
+               "d": list(range(20, 53)) + [99, 98], "e": [40, 41, 42]}
+    arrivals = {"a": 0, "c": 0, "b": 2, "d": 4, "e": 5}  # engine step at which each arrives
+    sp = SamplingParams(max_tokens=20, temperature=0)
+    outputs = {}
+    try:
+        engine = llm.llm_engine
+        for step in range(300):
+            for rid, at in arrivals.items():
+                if at == step:
+                    engine.add_request(rid, {"prompt_token_ids": prompts[rid]}, sp)
+            outputs.update({o.request_id: o for o in engine.step() if o.finished})
+            if step > max(arrivals.values()) and not engine.has_unfinished_requests():
+                break
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    assert outputs["d"].num_cached_tokens == 32
+    ref = SDARModel.from_pretrained(tiny_ckpt)
+    for rid, p in prompts.items():
+        r = generate(ref, p, gen_length=20, fuse_commit=True)
+        assert list(outputs[rid].outputs[0].token_ids) == r.tokens, rid
+        assert outputs[rid].kv_transfer_params["dllm_spec"]["num_forwards"] == r.num_forwards, rid

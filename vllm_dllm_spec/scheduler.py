@@ -61,13 +61,17 @@ class BlockDiffusionScheduler(Scheduler):
         for rid, n in list(out.num_scheduled_tokens.items()):
             req = self.requests[rid]
             self.num_forwards[rid] = self.num_forwards.get(rid, 0) + 1
-            if rid in spec:
+            drafts = spec.get(rid)
+            # vLLM pads a new request with one token left to schedule with -1 drafts (uniform
+            # decode batches): those are placeholders, not a block
+            padding = len(drafts) if drafts and drafts[0] < 0 else 0
+            if drafts and not padding:
                 continue
             if req.num_computed_tokens >= req.num_tokens:
-                # the prompt completes in this step: add the first block's masks as drafts
+                # the prompt completes in this step: its first block's masks are the drafts
                 m = B - req.num_tokens % B
                 spec[rid] = [self.mask_token_id] * m
-                self._grow(out, req, m)
+                self._grow(out, req, m - padding)
             else:
                 # a prompt chunk: end it on an SDAR block boundary
                 end = req.num_computed_tokens
