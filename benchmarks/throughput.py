@@ -29,7 +29,7 @@ import common  # noqa: E402  (sets the vLLM environment before vLLM is imported)
 
 PRESETS = {
     "smoke": dict(blocks=[4], batches=[1, 4], gen_length=16, reps=1),
-    "default": dict(blocks=[4, 8], batches=[1, 8, 32], gen_length=64, reps=2),
+    "default": dict(blocks=[4, 8], batches=[1, 8, 32], gen_length=64, reps=1),
 }
 
 
