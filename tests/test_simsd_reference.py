@@ -76,7 +76,10 @@ def test_forward_accounting_and_histogram(target, other_draft):
                          draft_denoising_steps=2, draft_remasking_strategy="sequential")
     rounds = len(out.accepted_per_round)
     assert out.target_forwards == rounds
-    assert out.draft_forwards == 2 * 2 * rounds  # 2 steps per draft block, 2 blocks per round
+    # sequential, 2 per step: the current block takes ceil(masks / 2) steps (its accepted
+    # tokens are known), the next draft block 2 steps
+    assert out.draft_forwards == sum(-(-(d - 4) // 2) + 2 for d in out.drafted_per_round)
+    assert out.drafted_per_round[0] == 4 + 2  # 10-token prompt: 2 leftover tokens in block 0
     assert sum(out.acceptance_histogram.values()) == rounds
 
 

@@ -115,7 +115,23 @@ def draft_b8(tmp_path_factory) -> str:
         num_attention_heads=4, num_key_value_heads=1, hidden_size=128)
 
 
+@pytest.fixture(scope="module")
+def bundled_target() -> str:
+    import vllm_dllm_spec
+
+    return vllm_dllm_spec.bundled_model_path()
+
+
+@pytest.fixture(scope="module")
+def bundled_draft() -> str:
+    import vllm_dllm_spec
+
+    return vllm_dllm_spec.bundled_model_path("draft")
+
+
 CASES = [  # (target fixture, draft fixture or None = self-draft, B, prefix caching, K)
+    ("bundled_target", "bundled_draft", 4, True, 1),  # the trained pair (bf16 files, run in fp32)
+    ("bundled_target", None, 4, False, 2),
     ("tiny_ckpt", None, 4, False, 1),
     ("tiny_ckpt", "tiny_tied_ckpt", 4, True, 2),
     ("ckpt_b8", None, 8, True, 1),
