@@ -52,6 +52,21 @@ def reference_section(data: dict) -> list[str]:
             f"**{data['throughput_ratio']:.1f}x**; identical outputs {data['identical_outputs']}/{data['num_prompts']}.", ""]
 
 
+def simsd_section(data: dict) -> list[str]:
+    lines = ["### SimSD on held-out prompts (`benchmarks/simsd_quality.py`)", "", where(data) + ".", "",
+             f"{data['num_prompts']} held-out prompts, {data['gen_length']} tokens, policy {data['policy']} "
+             "(the draft's for SimSD); oracle runs, equal to the vLLM path token for token.", "",
+             "| method | target forwards/token | fewer target forwards | draft forwards/token | "
+             "accepted/round | agreement with plain greedy | identical outputs |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in data["results"].items():
+        accepted = r["accepted_per_round"]
+        lines.append(f"| {name} | {r['target_forwards_per_token']:.3f} | {r['target_forward_reduction']:.2f}x | "
+                     f"{r['draft_forwards_per_token']:.2f} | {'-' if accepted is None else f'{accepted:.2f}'} | "
+                     f"{r['token_agreement']:.0%} | {r['exact_outputs']:.0%} |")
+    return lines + [""]
+
+
 def serve_section(data: dict) -> list[str]:
     lines = ["### Serving (`benchmarks/serve.py`)", "", where(data) + f"; generation length {data['gen_length']}.", "",
              "| rate (req/s) | method | tokens/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) |",
@@ -82,7 +97,8 @@ def render(results: Path, docs: Path) -> str:
             shutil.copy(plot, docs / "throughput.png")
             rel = str((docs / "throughput.png").relative_to(ROOT))
         out += throughput_section(json.loads(path.read_text()), rel)
-    for name, section in (("reference_vs_vllm", reference_section), ("serve", serve_section)):
+    for name, section in (("reference_vs_vllm", reference_section), ("simsd_quality", simsd_section),
+                          ("serve", serve_section)):
         path = results / f"{name}.json"
         if path.is_file():
             found = True

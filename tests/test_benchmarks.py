@@ -91,3 +91,18 @@ def test_report_renders_from_json_only(tmp_path):
     text = readme.read_text()
     assert text.count("## Performance") == 1 and "| 4 | 8 | ar | 123 | 1.00 | 16.0 | 0.00 | - |" in text
     assert "TestCPU" in text
+
+
+@pytest.mark.slow
+def test_simsd_quality_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
+    out = tmp_path / "sq.json"
+    run_bench("simsd_quality.py", tiny_ckpt, out, "--draft", tiny_tied_ckpt)
+    rows = json.loads(out.read_text())["results"]
+    assert set(rows) == {"block_diffusion", "simsd", "simsd_self", "simsd_no_rope_copy"}
+    base = rows["block_diffusion"]["target_forwards_per_token"]
+    for r in rows.values():
+        assert r["target_forward_reduction"] == pytest.approx(base / r["target_forwards_per_token"])
+        assert 0.0 <= r["token_agreement"] <= 1.0
+    # self-draft verifies its own blocks in one target forward each: fewer target forwards
+    assert rows["simsd_self"]["target_forwards_per_token"] < base
+    assert rows["simsd_self"]["acceptance_rate"] > rows["simsd_no_rope_copy"]["acceptance_rate"]
