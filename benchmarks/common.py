@@ -45,18 +45,6 @@ def bundled_draft() -> str | None:
         return None
 
 
-def shutdown(llm) -> None:
-    """Frees an in-process engine before the next one starts (its KV cache is large)."""
-    import gc
-
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # already down
-        pass
-    del llm
-    gc.collect()
-
-
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
     try:

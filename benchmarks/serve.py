@@ -10,11 +10,8 @@ stream completions; the run stops by itself and shuts the server down.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,41 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from throughput import methods  # noqa: E402
 
+from vllm_dllm_spec.testing import VLLMServer  # noqa: E402
+
 PRESETS = {
     "smoke": dict(rates=[4.0], num_requests=4, gen_length=16, methods=["ar", "dynamic"]),
     "default": dict(rates=[1.0, 4.0, 16.0], num_requests=24, gen_length=64,
                     methods=["ar", "static", "dynamic"]),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: str, port: int, log_path: Path) -> subprocess.Popen:
-    vllm = Path(sys.executable).parent / "vllm"
-    cmd = [str(vllm), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "32",
-           "--served-model-name", "sdar"]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("vllm serve did not become ready")
 
 
 async def one_request(client, prompt: list[int], gen_length: int, xargs: dict) -> dict:
@@ -118,13 +87,10 @@ def main(argv=None) -> dict:
     block = int(__import__("json").loads((Path(model_dir) / "config.json").read_text())["block_size"])
     table = {name: knobs for name, knobs in methods(block).items() if name in preset["methods"]}
     prompts = common.prompts(model_dir, preset["num_requests"])
-    port = free_port()
     log_path = common.RESULTS_DIR / "serve_server.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = start_server(model_dir, port, log_path)
     rows = []
-    try:
-        wait_ready(port, proc)
+    with VLLMServer(model_dir, log_path, {}, max_num_seqs=32) as server:
+        port = server.port
         asyncio.run(sweep_one(port, prompts[:2], 100.0, 8, table[preset["methods"][0]], 0))  # warm-up
         bar = tqdm(total=len(preset["rates"]) * len(table), desc="serve sweep", unit="run")
         for rate in preset["rates"]:
@@ -133,12 +99,6 @@ def main(argv=None) -> dict:
                 rows.append({"method": name, "rate": rate, "knobs": knobs, **stats})
                 bar.update()
         bar.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     for r in rows:
         base = next(x for x in rows if x["rate"] == r["rate"] and x["method"] == preset["methods"][0])
         r[f"ratio_vs_{preset['methods'][0]}"] = r["tokens_per_s"] / base["tokens_per_s"]

@@ -121,6 +121,8 @@ def main(argv=None) -> dict:
 
     from tqdm import tqdm
 
+    from vllm_dllm_spec.testing import shutdown_llm
+
     model_dir = args.model or common.default_model()
     draft_dir = args.draft if args.draft else (None if args.model else common.bundled_draft())
     all_prompts = common.prompts(model_dir, max(preset["batches"]))
@@ -151,7 +153,7 @@ def main(argv=None) -> dict:
                 results.append({"method": name, "block": block, "batch": batch, "knobs": knobs,
                                 **summarize(runs[name])})
         for llm in engines.values():
-            common.shutdown(llm)
+            shutdown_llm(llm)
     bar.close()
     for r in results:
         same = {x["method"]: x for x in results if x["block"] == r["block"] and x["batch"] == r["batch"]}

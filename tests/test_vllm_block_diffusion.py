@@ -2,9 +2,7 @@
 pure-PyTorch reference with fuse_commit: tokens, forwards per request and step_map, for a batch
 of prompts of mixed lengths (shorter than a block, not a multiple of it, several blocks),
 every remasking strategy in the same batch, block 4 and 8, prefix caching off and on."""
-import gc
 import os
-import random
 
 import pytest
 
@@ -13,9 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from vllm_dllm_spec.reference import SDARModel, generate  # noqa: E402
+from vllm_dllm_spec.testing import shutdown_llm as shutdown  # noqa: E402
+from vllm_helpers import prompts_for, request_configs  # noqa: E402
 
 STRATEGIES = ["sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded"]
-PROMPT_LENGTHS = [1, 3, 5, 9, 17, 40, 70, 8]  # < B, not a multiple of B, long, a multiple of B
 MAX_TOKENS = [23, 9, 30, 8, 17, 5, 25, 12]
 
 
@@ -29,33 +28,10 @@ def make_llm(path: str, *, prefix_caching: bool, additional_config=None, **kw):
     )
 
 
-def shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
 
 
-def request_configs(block_length: int) -> list[dict]:
-    """Per-request knobs: every strategy, with the default and a smaller step count."""
-    half = max(1, block_length // 2)
-    return [
-        {"remasking_strategy": "sequential"},
-        {"remasking_strategy": "low_confidence_static", "denoising_steps": half},
-        {"remasking_strategy": "low_confidence_dynamic", "confidence_threshold": 0.3},
-        {"remasking_strategy": "entropy_bounded", "eb_threshold": 2.0},
-        {"remasking_strategy": "low_confidence_static"},
-        {"remasking_strategy": "low_confidence_dynamic", "denoising_steps": half},
-        {"remasking_strategy": "entropy_bounded"},
-        {"remasking_strategy": "sequential", "denoising_steps": 1},
-    ]
 
 
-def prompts_for(vocab_size: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
 
 
 def run_batch(llm, prompts, configs, max_tokens):

@@ -2,58 +2,19 @@
 plugin's default, no flag), queried through the `openai` client: /v1/completions and
 /v1/chat/completions, streaming and not, equal token for token to the reference; bad knobs get
 a 400 with the message and the server keeps serving."""
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from vllm_dllm_spec.testing import VLLMServer
+
 openai = pytest.importorskip("openai")
-
-STARTUP_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    port = free_port()
-    vllm_bin = Path(sys.executable).with_name("vllm")
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    cmd = [str(vllm_bin), "serve", tiny_ckpt, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--block-size", "32",
-           "--max-num-seqs", "8", "--served-model-name", "sdar",
-           "--additional-config", '{"dllm_spec": {"remasking_strategy": "low_confidence_static"}}']
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            client.models.list()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"vllm serve not ready:\n{log_path.read_text()[-4000:]}")
-            time.sleep(2)
-    yield client, log_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with VLLMServer(tiny_ckpt, log_path, {"remasking_strategy": "low_confidence_static"}) as srv:
+        yield openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120), log_path
 
 
 @pytest.fixture(scope="module")

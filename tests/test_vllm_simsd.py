@@ -5,9 +5,7 @@ prefix caching off and on, self-draft and a separate draft model (other weights 
 architecture: hidden 128, GQA 4:1, tied embeddings), 1 to 3 draft blocks per round; MRS with
 seeds (exact too: vLLM's per-request generator is the oracle's generator) and MRS keeping the
 target's distribution at block length 1; rope_copy off (exact, and the acceptance collapses)."""
-import gc
 import os
-import random
 
 import pytest
 import torch
@@ -17,9 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from vllm_dllm_spec.reference import SDARModel  # noqa: E402
+from vllm_dllm_spec.testing import shutdown_llm as shutdown  # noqa: E402
+from vllm_helpers import prompts_for, request_configs  # noqa: E402
 from vllm_dllm_spec.reference.simsd import simsd_generate  # noqa: E402
 
-PROMPT_LENGTHS = [1, 3, 5, 9, 17, 40, 70, 8]  # < B, not a multiple of B, long, a multiple of B
 MAX_TOKENS = [23, 9, 30, 8, 17, 5, 25, 12]
 
 
@@ -34,28 +33,8 @@ def make_llm(path: str, *, prefix_caching: bool, options: dict, **kw):
     )
 
 
-def shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
 
 
-def request_configs(block_length: int) -> list[dict]:
-    """Per-request draft knobs (extra_args): every strategy, default and fewer steps."""
-    half = max(1, block_length // 2)
-    return [
-        {"remasking_strategy": "sequential"},
-        {"remasking_strategy": "low_confidence_static", "denoising_steps": half},
-        {"remasking_strategy": "low_confidence_dynamic", "confidence_threshold": 0.3},
-        {"remasking_strategy": "entropy_bounded", "eb_threshold": 2.0},
-        {"remasking_strategy": "low_confidence_static"},
-        {"remasking_strategy": "low_confidence_dynamic", "denoising_steps": half},
-        {"remasking_strategy": "entropy_bounded"},
-        {"remasking_strategy": "sequential", "denoising_steps": 1},
-    ]
 
 
 def oracle_kwargs(config: dict) -> dict:
@@ -63,9 +42,6 @@ def oracle_kwargs(config: dict) -> dict:
     return {names.get(k, k): v for k, v in config.items()}
 
 
-def prompts_for(vocab_size: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
 
 
 def run_batch(llm, prompts, configs, max_tokens, temperature=0.0, seeds=None):
@@ -251,48 +227,14 @@ def test_rope_copy_off_exact_and_degrades(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def simsd_server(tiny_ckpt, tiny_tied_ckpt, tmp_path_factory):
-    """`vllm serve` (multiprocess engine) with SimSD and a separate draft, on 127.0.0.1."""
-    import json
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    from vllm_dllm_spec.testing import VLLMServer
 
     openai = pytest.importorskip("openai")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log_path = tmp_path_factory.mktemp("simsd_serve") / "serve.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     options = {"method": "simsd", "draft_model": tiny_tied_ckpt, "num_draft_blocks": 2,
                "remasking_strategy": "low_confidence_static"}
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", tiny_ckpt, "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-           "--block-size", "32", "--max-num-seqs", "8", "--served-model-name", "sdar",
-           "--additional-config", json.dumps({"dllm_spec": options})]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120)
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            client.models.list()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"vllm serve not ready:\n{log_path.read_text()[-4000:]}")
-            time.sleep(2)
-    yield client, options
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with VLLMServer(tiny_ckpt, log_path, options) as srv:
+        yield openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120), options
 
 
 def test_serve_openai_client(simsd_server, tiny_ckpt, tiny_tied_ckpt):

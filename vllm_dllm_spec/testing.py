@@ -142,3 +142,84 @@ def make_random_sdar_checkpoint(
             state[name] = weight_std * torch.randn(tensor.shape, generator=gen)
     write_checkpoint(out, cfg, state)
     return str(out)
+
+
+def shutdown_llm(llm) -> None:
+    """Frees an in-process `LLM` before the next one starts (its KV cache is large)."""
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # already down
+        pass
+    del llm
+    gc.collect()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """A real `vllm serve` of an SDAR directory on 127.0.0.1 (served model name "sdar").
+
+        with VLLMServer(model_dir, log_path, {"remasking_strategy": ...}) as server:
+            OpenAI(base_url=server.base_url, api_key="none")
+    """
+
+    def __init__(self, model_dir: str, log_path: str | Path, dllm_spec: dict | None = None, *,
+                 max_num_seqs: int = 8, startup_timeout_s: float = 300.0, extra_args: tuple = ()):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = Path(log_path)
+        self.startup_timeout_s = startup_timeout_s
+        vllm = Path(__import__("sys").executable).with_name("vllm")
+        self.cmd = [str(vllm), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+                    "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--block-size", "32",
+                    "--max-num-seqs", str(max_num_seqs), "--served-model-name", "sdar", *extra_args]
+        if dllm_spec is not None:
+            self.cmd += ["--additional-config", json.dumps({"dllm_spec": dllm_spec})]
+        self.proc = None
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text()[-tail:]
+
+    def __enter__(self) -> "VLLMServer":
+        import os
+        import subprocess
+        import time
+        import urllib.request
+
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's usual multiprocess engine
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.__exit__()
+                    raise TimeoutError(f"vllm serve not ready after {self.startup_timeout_s} s:\n{self.log()}")
+                time.sleep(1)
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.proc = None
