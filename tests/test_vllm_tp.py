@@ -39,3 +39,36 @@ def test_tp2_equals_reference(tiny_tied_ckpt, monkeypatch):
         assert list(o.outputs[0].token_ids) == r.tokens, (len(p), k)
         record = o.kv_transfer_params["dllm_spec"]
         assert (record["num_forwards"], record["step_map"]) == (r.num_forwards, r.step_map)
+
+
+@pytest.mark.slow
+def test_simsd_tp2_equals_oracle(tiny_ckpt, tiny_tied_ckpt, monkeypatch):
+    """SimSD with TP=2: the draft runs replicated on both ranks, the target's verification is
+    sharded; tokens and forward counts equal the SimSD oracle."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    from vllm import LLM, SamplingParams
+
+    from vllm_dllm_spec.reference import SDARModel
+    from vllm_dllm_spec.reference.simsd import simsd_generate
+
+    llm = LLM(model=tiny_ckpt, dtype="float32", max_model_len=256, enforce_eager=True,
+              max_num_seqs=8, block_size=32, tensor_parallel_size=2,
+              distributed_executor_backend="mp", seed=0,
+              additional_config={"dllm_spec": {"method": "simsd", "draft_model": tiny_tied_ckpt,
+                                               "remasking_strategy": "low_confidence_static"}})
+    try:
+        vocab = llm.llm_engine.model_config.hf_config.vocab_size
+        rng = random.Random(6)
+        prompts = [[rng.randrange(2, vocab) for _ in range(n)] for n in [2, 7, 12, 33]]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=14, temperature=0), use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    target, draft = SDARModel.from_pretrained(tiny_ckpt), SDARModel.from_pretrained(tiny_tied_ckpt)
+    for p, o in zip(prompts, outs):
+        r = simsd_generate(target, draft, p, gen_length=14, draft_remasking_strategy="low_confidence_static")
+        record = o.kv_transfer_params["dllm_spec"]
+        assert list(o.outputs[0].token_ids) == r.tokens, len(p)
+        assert (record["target_forwards"], record["draft_forwards"]) == (r.target_forwards, r.draft_forwards)
