@@ -31,8 +31,10 @@ class BlockDiffusionScheduler(Scheduler):
         hf = vllm_config.model_config.hf_config
         self.block_length = int(hf.block_size)
         self.mask_token_id = int(hf.mask_token_id)
-        # Room for the first block's masks that `schedule` appends to a finishing prompt.
-        self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.block_length)
+        # Spec-token slots of a request's first step, less its leftover prompt tokens (the
+        # first block's masks here; SimSD's verify region), and room for them.
+        self.first_spec_slots = self.block_length
+        self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.first_spec_slots)
         self.num_forwards: dict[str, int] = {}  # request id -> model forwards so far
         self.step_maps: dict[str, list[int]] = {}  # request id -> step_map of its final tokens
         self.total_forwards = 0  # request-forwards of finished requests (observability)
@@ -43,11 +45,12 @@ class BlockDiffusionScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         B = self.block_length
         cfg = self.scheduler_config
-        # reserve budget for the masks appended below (at most B per request finishing a prompt:
-        # newly admitted ones and running ones still in a chunked prefill)
+        # reserve budget for the drafts appended below (at most `first_spec_slots` per request
+        # finishing a prompt: newly admitted ones and running ones still in a chunked prefill)
         prefilling = sum(1 for r in self.running if not r.spec_token_ids)
         admissible = max(self.max_num_running_reqs - len(self.running), 0)
-        reserve = B * (prefilling + min(admissible, len(self.waiting) + len(self.kv_holding_waiting)))
+        waiting = min(admissible, len(self.waiting) + len(self.kv_holding_waiting))
+        reserve = self.first_spec_slots * (prefilling + waiting)
         reserve = min(reserve, self.max_num_scheduled_tokens // 2, cfg.max_num_batched_tokens // 2)
         saved = (self.max_num_scheduled_tokens, cfg.max_num_batched_tokens)
         self.max_num_scheduled_tokens -= reserve
@@ -68,8 +71,8 @@ class BlockDiffusionScheduler(Scheduler):
             if drafts and not padding:
                 continue
             if req.num_computed_tokens >= req.num_tokens:
-                # the prompt completes in this step: its first block's masks are the drafts
-                m = B - req.num_tokens % B
+                # the prompt completes in this step: its first step's drafts (masks) are added
+                m = self.first_spec_slots - req.num_tokens % B
                 spec[rid] = [self.mask_token_id] * m
                 self._grow(out, req, m - padding)
             else:

@@ -29,11 +29,14 @@ import torch, json, os; print("hello world", 42, [1, 2, 3], {"key": "value"})
 """
 
 
-def build_tokenizer(out_dir: str | Path, text: str = _TOKENIZER_TEXT, vocab_size: int = 512):
-    """Byte-level BPE with eos and a dedicated mask token; returns the transformers tokenizer."""
+def build_tokenizer(out_dir: str | Path, texts: list[str] | None = None, vocab_size: int = 512):
+    """Byte-level BPE trained on `texts` (default: a small built-in snippet), with eos (id 0)
+    and a dedicated mask token (id 1) and the chat template; saves the HF tokenizer files to
+    out_dir and returns the transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    texts = [_TOKENIZER_TEXT] * 4 if texts is None else texts
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -43,7 +46,7 @@ def build_tokenizer(out_dir: str | Path, text: str = _TOKENIZER_TEXT, vocab_size
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([text] * 4, trainer)
+    tok.train_from_iterator(texts, trainer, length=len(texts))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
@@ -51,6 +54,7 @@ def build_tokenizer(out_dir: str | Path, text: str = _TOKENIZER_TEXT, vocab_size
         mask_token=MASK_TOKEN,
     )
     fast.chat_template = CHAT_TEMPLATE
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
     return fast
 

@@ -3,7 +3,8 @@
 - A round's spec tokens are placeholders for the region `[data_k | copies_k] * K` minus the
   known tokens of the in-progress block (`runner.region_length`); the runner fills them with the
   draft's tokens before the forward. The runner's proposer output gives the next round's
-  placeholders; a request whose prompt completes in this step gets them appended here.
+  placeholders; a request whose prompt completes in this step gets them appended by the
+  inherited `schedule` (`first_spec_slots` = the region).
 - After the step (inherited): num_computed_tokens = start of the round's in-progress block, so
   the next step re-feeds every block finished since as the target's fused KV commit.
   Accepted tokens are final output at once (streaming), partial blocks included; they are
@@ -17,7 +18,6 @@ from __future__ import annotations
 from collections import Counter
 
 from vllm.logger import init_logger
-from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_dllm_spec.config import DLLMSpecConfig
 from vllm_dllm_spec.scheduler import BlockDiffusionScheduler
@@ -31,42 +31,14 @@ class SimSDScheduler(BlockDiffusionScheduler):
         options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
         self.simsd_params = DLLMSpecConfig.from_dict(options).simsd_params(self.block_length)
         self.region = 2 * self.simsd_params.num_draft_blocks * self.block_length
+        # a finishing prompt gets the first round's verify region as drafts (inherited schedule)
+        self.first_spec_slots = self.region
         self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.region)
         self.simsd_records: dict[str, dict] = {}
         self.total_target_forwards = 0
         self.total_draft_forwards = 0
         self.total_accepted = 0
         self.total_drafted = 0
-
-    def schedule(self, *args, **kwargs):
-        B, Q = self.block_length, self.region
-        cfg = self.scheduler_config
-        reserve = Q * min(self.max_num_running_reqs, len(self.running) + len(self.waiting))
-        reserve = min(reserve, self.max_num_scheduled_tokens // 2, cfg.max_num_batched_tokens // 2)
-        saved = (self.max_num_scheduled_tokens, cfg.max_num_batched_tokens)
-        self.max_num_scheduled_tokens -= reserve
-        cfg.max_num_batched_tokens -= reserve
-        try:
-            out = Scheduler.schedule(self, *args, **kwargs)
-        finally:
-            self.max_num_scheduled_tokens, cfg.max_num_batched_tokens = saved
-        spec = out.scheduled_spec_decode_tokens
-        for rid, n in list(out.num_scheduled_tokens.items()):
-            req = self.requests[rid]
-            self.num_forwards[rid] = self.num_forwards.get(rid, 0) + 1
-            if rid in spec:
-                continue
-            if req.num_computed_tokens >= req.num_tokens:
-                # the prompt completes in this step: reserve the first round's verify region
-                m = Q - req.num_tokens % B
-                spec[rid] = [self.mask_token_id] * m
-                self._grow(out, req, m)
-            else:
-                end = req.num_computed_tokens
-                aligned_end = end // B * B
-                if end - n < aligned_end < end:
-                    self._grow(out, req, aligned_end - end)
-        return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         for rid, (drafted, accepted, draft_forwards) in (

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_dllm_spec.reference.model import SDARArchConfig, SDARModel, rope_cos_sin
-from vllm_dllm_spec.testing import CHAT_TEMPLATE, EOS_TOKEN, MASK_TOKEN, sdar_config_dict, write_checkpoint
+from vllm_dllm_spec.testing import EOS_TOKEN, MASK_TOKEN, build_tokenizer, sdar_config_dict, write_checkpoint
 
 SEED = 1234
 VOCAB_SIZE = 4096
@@ -122,27 +122,9 @@ def load_corpus(root: Path | None = None) -> tuple[list[tuple[str, str]], list[t
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZE):
-    """Byte-level BPE with eos (id 0) and mask (id 1); saves HF tokenizer files to out_dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, MASK_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer, length=len(texts))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, mask_token=MASK_TOKEN
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
-    return fast
+    """Byte-level BPE with eos (id 0) and mask (id 1) on the training split; saves HF tokenizer
+    files to out_dir."""
+    return build_tokenizer(out_dir, texts=texts, vocab_size=vocab_size)
 
 
 def encode_docs(tok, docs: list[tuple[str, str]]) -> torch.Tensor:
