@@ -106,3 +106,16 @@ def test_simsd_quality_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
     # self-draft verifies its own blocks in one target forward each: fewer target forwards
     assert rows["simsd_self"]["target_forwards_per_token"] < base
     assert rows["simsd_self"]["acceptance_rate"] > rows["simsd_no_rope_copy"]["acceptance_rate"]
+
+
+def test_kernels_smoke(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "kernels.py"), "--preset", "smoke", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["all_equal"] and data["rows"]
+    for r in data["rows"]:
+        assert r["speedup"] == pytest.approx(r["ref_us"] / r["op_us"])
+    assert set(data["speedup_at_batch64"]) <= {"ref_token_mask", "greedy_match", "rejection_sample",
+                                               "hierarchical_accept"}
