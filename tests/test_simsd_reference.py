@@ -83,10 +83,22 @@ def test_forward_accounting_and_histogram(target, other_draft):
     assert sum(out.acceptance_histogram.values()) == rounds
 
 
+@pytest.fixture(scope="module")
+def bundled_pair():
+    import vllm_dllm_spec
+
+    return (SDARModel.from_pretrained(vllm_dllm_spec.bundled_model_path()),
+            SDARModel.from_pretrained(vllm_dllm_spec.bundled_model_path("draft")))
+
+
 @pytest.mark.slow
-def test_mrs_keeps_the_target_distribution(target, other_draft):
+@pytest.mark.parametrize("models", ["random", "bundled"])
+def test_mrs_keeps_the_target_distribution(target, other_draft, bundled_pair, models):
     """First generated token (B = 1): empirical SimSD-MRS histogram vs the target's exact
-    distribution. Expected total-variation noise at N=1500 over <= 8 tokens is about 0.03."""
+    distribution (mask token excluded, top_k 8), on random weights and on the bundled trained
+    target + draft. Expected total-variation noise at N=1500 over <= 8 tokens is about 0.03."""
+    if models == "bundled":
+        target, other_draft = bundled_pair
     prompt, temperature, top_k, n = [5, 6, 7], 1.0, 8, 1500
     counts = torch.zeros(target.config.vocab_size)
     for seed in range(n):
@@ -98,6 +110,7 @@ def test_mrs_keeps_the_target_distribution(target, other_draft):
     causal = torch.ones(4, 4, dtype=torch.bool).tril()[None]
     with torch.no_grad():
         logits = target(ids, torch.arange(4)[None], causal)[0, -1] / temperature
+    logits[mask_id] = float("-inf")
     kth = logits.topk(top_k).values[-1]
     exact = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
     tv = 0.5 * (counts / n - exact).abs().sum()
