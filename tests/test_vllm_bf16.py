@@ -2,13 +2,14 @@
 loader and runs block diffusion in bf16 on the CPU kernel. bf16 is not bit-exact with the fp32
 reference, so this checks the mechanics: lengths, forwards accounting, and that greedy output
 agrees with the reference run in bf16 on most tokens."""
-import gc
 import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from vllm_dllm_spec.testing import shutdown_llm
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,9 +40,7 @@ def test_bf16_checkpoint(tmp_path):
                             SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
                                            extra_args=knobs), use_tqdm=False)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        shutdown_llm(llm)
     ref = SDARModel.from_pretrained(str(path), dtype=torch.bfloat16)
     agree = total = 0
     for p, o in zip(prompts, outs):

@@ -1,13 +1,14 @@
 """Scheduling stress: chunked prefill under a tight token budget (prompt chunks end on SDAR
 block boundaries, running requests are never cut inside a block) and preemption; the outputs
 stay equal to the reference (chunks and re-prefills add forwards, so those are bounded below)."""
-import gc
 import os
 import random
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vllm_dllm_spec.testing import shutdown_llm  # noqa: E402
 
 
 def test_chunked_prefill_tight_budget(tiny_ckpt):
@@ -32,9 +33,7 @@ def test_chunked_prefill_tight_budget(tiny_ckpt):
                             [SamplingParams(max_tokens=15, temperature=0, extra_args=k) for k in knobs],
                             use_tqdm=False)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        shutdown_llm(llm)
     ref = SDARModel.from_pretrained(tiny_ckpt)
     for p, k, o in zip(prompts, knobs, outs):
         r = generate(ref, p, gen_length=15, fuse_commit=True, **k)
@@ -72,9 +71,7 @@ def test_preemption_keeps_greedy_output(tiny_ckpt):
                             SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
                                            extra_args=knobs), use_tqdm=False)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        shutdown_llm(llm)
     assert preemptions, "the test must preempt"
     ref = SDARModel.from_pretrained(tiny_ckpt)
     for p, o in zip(prompts, outs):
@@ -108,9 +105,7 @@ def test_requests_arriving_while_others_decode(tiny_ckpt):
             if step > max(arrivals.values()) and not engine.has_unfinished_requests():
                 break
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        shutdown_llm(llm)
     assert outputs["d"].num_cached_tokens == 32
     ref = SDARModel.from_pretrained(tiny_ckpt)
     for rid, p in prompts.items():

@@ -1,10 +1,11 @@
 """Tensor parallelism on CPU: TP=2 (two worker processes, gloo) gives the reference's tokens,
 forwards and step_map, hence the same outputs as TP=1 (tests/test_vllm_block_diffusion.py)."""
-import gc
 import os
 import random
 
 import pytest
+
+from vllm_dllm_spec.testing import shutdown_llm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -30,9 +31,7 @@ def test_tp2_equals_reference(tiny_tied_ckpt, monkeypatch):
                             [SamplingParams(max_tokens=14, temperature=0, extra_args=k) for k in knobs],
                             use_tqdm=False)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        shutdown_llm(llm)
     ref = SDARModel.from_pretrained(tiny_tied_ckpt)
     for p, k, o in zip(prompts, knobs, outs):
         r = generate(ref, p, gen_length=14, fuse_commit=True, **k)
@@ -63,9 +62,7 @@ def test_simsd_tp2_equals_oracle(tiny_ckpt, tiny_tied_ckpt, monkeypatch):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(max_tokens=14, temperature=0), use_tqdm=False)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        shutdown_llm(llm)
     target, draft = SDARModel.from_pretrained(tiny_ckpt), SDARModel.from_pretrained(tiny_tied_ckpt)
     for p, o in zip(prompts, outs):
         r = simsd_generate(target, draft, p, gen_length=14, draft_remasking_strategy="low_confidence_static")

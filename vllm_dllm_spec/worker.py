@@ -86,6 +86,8 @@ class DLLMModelRunner(CPUModelRunner):
 
 
 class DLLMWorker(CPUWorker):
+    runner_cls = DLLMModelRunner  # a method's worker subclass names its runner here
+
     def init_device(self):
         # CPUWorker.init_device builds a CPUModelRunner as its last step; build ours instead
         # (the base runner is constructed without the front-end-only validator too).
@@ -96,4 +98,4 @@ class DLLMWorker(CPUWorker):
             super().init_device()
         finally:
             model_config.logits_processors = saved
-        self.model_runner = DLLMModelRunner(self.vllm_config, torch.device("cpu"))
+        self.model_runner = self.runner_cls(self.vllm_config, torch.device("cpu"))

@@ -30,7 +30,6 @@ from vllm_dllm_spec.reference.simsd import sampling_probs
 from vllm_dllm_spec.simsd import attention as simsd_attention
 from vllm_dllm_spec.simsd.draft import DraftJob, PagedDraftModel, draft_round
 from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
-from vllm_dllm_spec.vllm_hooks import VALIDATOR_CLS
 
 # per-request keys that may override the engine option for one request (the draft's diffusion)
 REQUEST_DRAFT_KNOBS = ("denoising_steps", "remasking_strategy", "confidence_threshold", "eb_threshold")
@@ -289,12 +288,4 @@ class SimSDModelRunner(DLLMModelRunner):
 
 
 class SimSDWorker(DLLMWorker):
-    def init_device(self):
-        model_config = self.vllm_config.model_config
-        saved = model_config.logits_processors
-        model_config.logits_processors = [p for p in saved or [] if p != VALIDATOR_CLS] or None
-        try:
-            super(DLLMWorker, self).init_device()
-        finally:
-            model_config.logits_processors = saved
-        self.model_runner = SimSDModelRunner(self.vllm_config, torch.device("cpu"))
+    runner_cls = SimSDModelRunner
