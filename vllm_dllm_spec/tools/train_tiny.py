@@ -22,7 +22,8 @@ Attention: clean token -> clean tokens of its own and earlier blocks (block-caus
 token -> noisy tokens of its own block (bidirectional) and clean tokens of earlier blocks.
 Loss: mean cross-entropy at the masked positions of x~, predicting the token at the same
 position (no autoregressive shift). Training uses a fast SDPA forward over the parameters of
-`vllm_dllm_spec.reference.model.SDARModel`; weights are saved in bfloat16 and load with
+`vllm_dllm_spec.reference.model.SDARModel` with its matmuls under CPU bfloat16 autocast (fp32
+master weights, AdamW state and loss); weights are saved in bfloat16 and load with
 `SDARModel.from_pretrained`.
 
 Deterministic: fixed seeds, fixed data order, fixed step counts; each model trains in its own
@@ -77,10 +78,13 @@ ARCHS = {
 # math does not depend on the machine's core count, and two 1-thread processes keep working on a
 # busy shared machine, where one 2-thread OpenMP process stalls at every barrier.
 TRAIN = {
-    "target": dict(steps=700, batch_size=8, lr=2.5e-3, warmup=40),
-    "draft": dict(steps=2100, batch_size=8, lr=3e-3, warmup=40),
+    "target": dict(steps=7000, batch_size=8, lr=2.5e-3, warmup=100),
+    "draft": dict(steps=10000, batch_size=8, lr=3e-3, warmup=100),
 }
 THREADS_PER_MODEL = 1
+# Matmuls under CPU bf16 autocast (fp32 master weights and optimizer): 2.4x the steps per second
+# of fp32 on an AVX512-BF16 core (measured: target 0.30 vs 0.72 s/step, draft 0.15 vs 0.23).
+TRAIN_AUTOCAST_DTYPE = torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -198,9 +202,10 @@ class BDObjective:
 
     def loss(self, model: SDARModel, x: torch.Tensor, gen: torch.Generator):
         noisy, masked = mask_blocks(x, self.block, self.mask_id, gen)
-        hidden = fast_hidden(model, torch.cat([x, noisy], 1), self.cos, self.sin, self.attn_mask)
-        sel = hidden[:, self.seq_len:][masked]  # [n_masked, hidden]
-        logits = model.lm_head(sel)
+        with torch.autocast("cpu", dtype=TRAIN_AUTOCAST_DTYPE):
+            hidden = fast_hidden(model, torch.cat([x, noisy], 1), self.cos, self.sin, self.attn_mask)
+            sel = hidden[:, self.seq_len:][masked]  # [n_masked, hidden]
+            logits = model.lm_head(sel).float()
         target = x[masked]
         loss = F.cross_entropy(logits, target)
         acc = (logits.argmax(-1) == target).float().mean()
@@ -260,7 +265,7 @@ def build_config(name: str, tok) -> dict:
 
 
 def train_model(name, cfg, stream, heldout_stream, *, steps, batch_size, lr, warmup, seed, log=print,
-                eval_every=140):
+                eval_every=500):
     arch = SDARArchConfig.from_dict(cfg)
     torch.manual_seed(seed)
     model = SDARModel(arch)
@@ -408,7 +413,8 @@ def _worker(name: str, work: Path, out_root: Path, steps: int) -> None:
         "seed": SEED,
         "threads": THREADS_PER_MODEL,
         "arch": ARCHS[name],
-        "train": {**tc, "steps": steps, "seq_len": SEQ_LEN, "block_size": BLOCK_SIZE},
+        "train": {**tc, "steps": steps, "seq_len": SEQ_LEN, "block_size": BLOCK_SIZE,
+                  "autocast": str(TRAIN_AUTOCAST_DTYPE).removeprefix("torch.")},
         "num_parameters": hist["num_parameters"],
         "train_seconds": round(hist["train_seconds"], 1),
         "train_cpu_seconds": round(hist["train_cpu_seconds"], 1),
@@ -476,7 +482,9 @@ def main(argv=None) -> None:
     if not args.no_eval and not args.only:
         from vllm_dllm_spec.tools import evaluate_tiny
 
-        evaluate_tiny.main(["--write-cards", "--total-train-seconds", f"{total:.0f}"])
+        evaluate_tiny.main(["--write-cards", "--total-train-seconds", f"{total:.0f}",
+                            "--target", str(args.out / "sdar-tiny-target"),
+                            "--draft", str(args.out / "sdar-tiny-draft")])
 
 
 if __name__ == "__main__":
