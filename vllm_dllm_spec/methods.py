@@ -17,8 +17,17 @@ if TYPE_CHECKING:
 class MethodPlan(NamedTuple):
     scheduler_cls: str  # import path vLLM instantiates
     worker_cls: str
-    num_speculative_tokens: int  # spec-token slots a request may use in one step
+    num_speculative_tokens: int  # spec-token slots a request may use in one step, counted from
+    # the start of its in-progress block (its "step span", see max_total_tokens)
     options: dict  # method-specific normalized knobs, merged into additional_config["dllm_spec"]
+
+
+def max_total_tokens(max_model_len: int, block_length: int, step_span: int) -> int:
+    """Most tokens (prompt + output) one request can reach. Every step of a method feeds
+    `step_span` positions starting at its in-progress block's start (the padded block for block
+    diffusion, the verify region for SimSD), and all of them must lie inside max_model_len; so the
+    last block a request reaches must start at or before max_model_len - step_span."""
+    return (max_model_len - step_span) // block_length * block_length + block_length
 
 
 class DecodingMethod(Protocol):

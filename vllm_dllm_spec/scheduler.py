@@ -13,6 +13,11 @@ Contract with vLLM's scheduler (v1/core/sched/scheduler.py, vLLM 0.32):
   full blocks and the first denoising step are one forward too.
 - Prompt chunks (chunked prefill) end on an SDAR block boundary, so block-causal attention of a
   later chunk sees complete blocks.
+- Context limit: a step feeds `first_spec_slots` positions from the in-progress block's start and
+  appends no sampled token after them, so the last one may sit at max_model_len - 1 (vLLM's
+  cap keeps a slot free for an AR sample). A request's max_tokens is cut to what fits
+  (`methods.max_total_tokens`; it ends with "length", as at vLLM's context limit); prompts
+  leaving no room are refused at the front end (`vllm_hooks`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import time
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_dllm_spec.methods import max_total_tokens
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so vLLM's log config applies
 LOG_INTERVAL_S = 10.0
@@ -41,6 +48,13 @@ class BlockDiffusionScheduler(Scheduler):
         self.total_tokens = 0
         self._last_log = float("-inf")
 
+    # -- admission ---------------------------------------------------------------------------
+    def add_request(self, request) -> None:
+        room = max_total_tokens(self.max_model_len, self.block_length, self.first_spec_slots)
+        # the front end refused prompts without room (>= 1 token always fits here)
+        request.max_tokens = max(1, min(request.max_tokens, room - request.num_prompt_tokens))
+        super().add_request(request)
+
     # -- scheduling --------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
         B = self.block_length
@@ -52,13 +66,16 @@ class BlockDiffusionScheduler(Scheduler):
         waiting = min(admissible, len(self.waiting) + len(self.kv_holding_waiting))
         reserve = self.first_spec_slots * (prefilling + waiting)
         reserve = min(reserve, self.max_num_scheduled_tokens // 2, cfg.max_num_batched_tokens // 2)
-        saved = (self.max_num_scheduled_tokens, cfg.max_num_batched_tokens)
+        saved = (self.max_num_scheduled_tokens, cfg.max_num_batched_tokens, self.max_model_len)
         self.max_num_scheduled_tokens -= reserve
         cfg.max_num_batched_tokens -= reserve
+        # vLLM caps a step's input at max_model_len - 1 to leave room for the AR-sampled token;
+        # a block-diffusion step samples no token past the positions it feeds
+        self.max_model_len += self.num_sampled_tokens_per_step
         try:
             out = super().schedule(*args, **kwargs)
         finally:
-            self.max_num_scheduled_tokens, cfg.max_num_batched_tokens = saved
+            self.max_num_scheduled_tokens, cfg.max_num_batched_tokens, self.max_model_len = saved
 
         spec = out.scheduled_spec_decode_tokens
         for rid, n in list(out.num_scheduled_tokens.items()):

@@ -7,6 +7,10 @@ What `install()` does (called by the plugin's `register()` in every vLLM process
 - `MODELS_CONFIG_MAP["SDARForCausalLM"] = SDARConfigHook`: vLLM calls the hook from
   `VllmConfig.__post_init__`; it reads `additional_config["dllm_spec"]` (defaults when absent),
   validates it against the model, and sets the scheduler, worker and speculative config.
+- Wraps `InputProcessor._validate_prompt_len` (the front end's prompt-length check, offline and
+  server alike): an SDAR engine also refuses a prompt that leaves no room for one step of its
+  method (`methods.max_total_tokens`, stored by the hook under `ROOM_KEY`), with a clear
+  message, so such a request never reaches the engine.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ SUPPORTED_VLLM = ("0.32.",)
 ARCHITECTURE = "SDARForCausalLM"
 PROPOSER_CLS = "vllm_dllm_spec.denoise.BlockDiffusionProposer"
 VALIDATOR_CLS = "vllm_dllm_spec.denoise:RequestKnobsValidator"
+# additional_config key: most tokens (prompt + output) one request can reach in this engine
+ROOM_KEY = "dllm_spec_max_total_tokens"
 
 
 def _check_version() -> str:
@@ -26,8 +32,9 @@ def _check_version() -> str:
     version = getattr(vllm, "__version__", "unknown")
     if not version.startswith(SUPPORTED_VLLM):
         raise RuntimeError(
-            f"vllm_dllm_spec supports vLLM {SUPPORTED_VLLM}, found {version}: the internal "
-            "registries it patches (MODELS_CONFIG_MAP, _CONFIG_REGISTRY) may have moved"
+            f"vllm_dllm_spec supports vLLM {SUPPORTED_VLLM}, found {version}: the "
+            "internals it patches (MODELS_CONFIG_MAP, _CONFIG_REGISTRY, "
+            "InputProcessor._validate_prompt_len) may have moved"
         )
     return version
 
@@ -39,6 +46,7 @@ def configure(vllm_config) -> None:
     from vllm.platforms import current_platform
 
     from vllm_dllm_spec.config import DLLMSpecConfig
+    from vllm_dllm_spec.methods import max_total_tokens
 
     model_config = vllm_config.model_config
     hf = model_config.hf_config
@@ -74,6 +82,13 @@ def configure(vllm_config) -> None:
     plan = get_method(cfg.method).plan(cfg, model_block, hf)
     additional["dllm_spec"].update(plan.options)
     scheduler_cls, worker_cls, num_spec = plan.scheduler_cls, plan.worker_cls, plan.num_speculative_tokens
+    room = max_total_tokens(model_config.max_model_len, model_block, num_spec)
+    if room < 2:
+        raise ValueError(
+            f"max_model_len ({model_config.max_model_len}) is too small for method {cfg.method!r}: "
+            f"one step feeds {num_spec} positions from an SDAR block start (block length "
+            f"{model_block}); use max_model_len >= {num_spec + model_block}")
+    additional[ROOM_KEY] = room
     vllm_config.additional_config = additional
 
     if not current_platform.is_cpu():
@@ -88,13 +103,14 @@ def configure(vllm_config) -> None:
             f"length ({model_block})"
         )
     sched = vllm_config.scheduler_config
-    # Every running request needs up to 2 * B tokens per step (finished block's commit + the
-    # next block) and must never be cut inside a block; a request finishing its prompt gets B
-    # masks on top of its prompt tokens.
-    needed = 3 * model_block * sched.max_num_seqs
+    # A running request feeds up to `num_spec` tokens from its in-progress block's start (block
+    # diffusion: the block; SimSD: the verify region) plus the commit of what finished since (at
+    # most as many again), and must never be cut there; a request finishing its prompt gets up to
+    # `num_spec` slots on top of its prompt tokens.
+    needed = 3 * num_spec * sched.max_num_seqs
     if sched.max_num_batched_tokens < needed:
-        logger.info("dllm_spec: raising max_num_batched_tokens from %d to %d (3 * block length * "
-                    "max_num_seqs)", sched.max_num_batched_tokens, needed)
+        logger.info("dllm_spec: raising max_num_batched_tokens from %d to %d (3 * %d tokens per "
+                    "step * max_num_seqs)", sched.max_num_batched_tokens, needed, num_spec)
         sched.max_num_batched_tokens = needed
     if sched.scheduler_cls is None or sched.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler":
         sched.scheduler_cls = scheduler_cls
@@ -122,6 +138,30 @@ def configure(vllm_config) -> None:
         model_config.logits_processors = procs + [VALIDATOR_CLS]
 
 
+def _refuse_prompts_without_room() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    vllm_check = InputProcessor._validate_prompt_len
+    if getattr(vllm_check, "dllm_spec_wrapped", False):
+        return
+
+    def _validate_prompt_len(self, prompt_len: int, prompt_type):
+        vllm_check(self, prompt_len, prompt_type)
+        room = (self.vllm_config.additional_config or {}).get(ROOM_KEY)
+        if room is not None and prompt_type == "decoder" and prompt_len >= room:
+            method = self.vllm_config.additional_config["dllm_spec"]["method"]
+            raise VLLMValidationError(
+                f"The prompt (length {prompt_len}) leaves no room to generate with {method!r}: a "
+                f"step feeds whole SDAR blocks (SimSD: its verify region) that must fit in "
+                f"max_model_len ({self.model_config.max_model_len}), so a request holds at most "
+                f"{room} tokens; use a prompt of at most {room - 1} tokens or a larger max_model_len",
+                parameter="prompt", value=prompt_len)
+
+    _validate_prompt_len.dllm_spec_wrapped = True
+    InputProcessor._validate_prompt_len = _validate_prompt_len
+
+
 def install() -> None:
     _check_version()
     from vllm import ModelRegistry
@@ -138,3 +178,4 @@ def install() -> None:
     _CONFIG_REGISTRY["sdar"] = SDARConfig
     ModelRegistry.register_model(ARCHITECTURE, "vllm_dllm_spec.model:SDARForCausalLM")
     MODELS_CONFIG_MAP[ARCHITECTURE] = SDARConfigHook
+    _refuse_prompts_without_room()

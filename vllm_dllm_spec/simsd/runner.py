@@ -141,7 +141,7 @@ class SimSDModelRunner(DLLMModelRunner):
             if n_spec != expected:
                 raise RuntimeError(
                     f"SimSD request {rid}: {n_spec} spec tokens scheduled, the verify region needs "
-                    f"{expected} (token budget / max_model_len too small for the round?)")
+                    f"{expected} (the config hook keeps the token budget large enough; a bug)")
             B = st.params.draft.block_length
             block_start = num_tokens // B * B
             seq = torch.from_numpy(batch.token_ids_cpu[i, :num_tokens].copy()).long()
