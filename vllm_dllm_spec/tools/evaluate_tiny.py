@@ -283,7 +283,7 @@ def write_card(path: Path, name: str, results: dict | None) -> None:
         "bidirectionally to itself and to clean earlier blocks; CE at masked positions, no shift)",
         f"- {log['train']['steps']} AdamW steps x {log['train']['batch_size']} sequences, peak lr "
         f"{log['train']['lr']}, warmup {log['train']['warmup']}, cosine to 10 %, seed {log['seed']}, "
-        f"torch {log['torch']}",
+        f"matmuls under CPU {log['train'].get('autocast', 'float32 (no)')} autocast, torch {log['torch']}",
         f"- Wall time {log['train_seconds'] / 60:.1f} min for this model, {log.get('threads', 1)} thread "
         f"(1-min load average {log['load_avg_at_start'][0]} at start, {log['load_avg_at_end'][0]} at end "
         "on a shared 2-core machine); the two models train at once, one process each"
