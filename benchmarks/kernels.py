@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     summary = " ".join(f"{k}={v:.1f}x" for k, v in at64.items())
-    print(f"kernels[{args.preset}, {device}]: ref/op speedup at batch 64 (geomean over blocks "
+    print(f"SUMMARY kernels[{args.preset}, {device}]: ref/op speedup at batch 64 (geomean over blocks "
           f"{preset['blocks']}): {summary}; all outputs equal={all_equal}; json={out}")
     return 0 if all_equal else 2
 

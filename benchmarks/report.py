@@ -57,13 +57,15 @@ def simsd_section(data: dict) -> list[str]:
              f"{data['num_prompts']} held-out prompts, {data['gen_length']} tokens, policy {data['policy']} "
              "(the draft's for SimSD); oracle runs, equal to the vLLM path token for token.", "",
              "| method | target forwards/token | fewer target forwards | draft forwards/token | "
-             "accepted/round | agreement with plain greedy | identical outputs |",
-             "|---|---|---|---|---|---|---|"]
+             "accepted/round | agreement with plain greedy (same position) | output before the first "
+             "difference | identical outputs |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in data["results"].items():
         accepted = r["accepted_per_round"]
         lines.append(f"| {name} | {r['target_forwards_per_token']:.3f} | {r['target_forward_reduction']:.2f}x | "
                      f"{r['draft_forwards_per_token']:.2f} | {'-' if accepted is None else f'{accepted:.2f}'} | "
-                     f"{r['token_agreement']:.0%} | {r['exact_outputs']:.0%} |")
+                     f"{r['token_agreement']:.0%} | {r.get('matched_prefix', float('nan')):.0%} | "
+                     f"{r['exact_outputs']:.0%} |")
     return lines + [""]
 
 
