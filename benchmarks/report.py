@@ -69,6 +69,22 @@ def simsd_section(data: dict) -> list[str]:
     return lines + [""]
 
 
+def psd_section(data: dict) -> list[str]:
+    lines = ["### PSD-style self-speculation, oracle (`benchmarks/psd_oracle.py`)", "", where(data) + ".", "",
+             f"{data['num_prompts']} held-out prompts, {data['gen_length']} tokens, greedy; pure-PyTorch oracle "
+             "(`reference.psd.psd_generate`, not in the vLLM path yet). Lossless: every output equals plain "
+             "block diffusion's, step_map included.", "",
+             "| strategy | method | draft depth | tokens/forward | vs plain | block copies/token | "
+             "accepted steps/verification | identical to plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        acc = r["accepted_per_verification"]
+        lines.append(f"| {r['strategy']} | {r['method']} | {r['draft_depth'] or '-'} | {r['tokens_per_forward']:.2f} | "
+                     f"{r['forward_reduction']:.2f}x | {r['block_copies_per_token']:.2f} | "
+                     f"{'-' if acc is None else f'{acc:.2f}'} | {r['identical_to_plain']:.0%} |")
+    return lines + [""]
+
+
 def serve_section(data: dict) -> list[str]:
     lines = ["### Serving (`benchmarks/serve.py`)", "", where(data) + f"; generation length {data['gen_length']}.", "",
              "| rate (req/s) | method | tokens/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) |",
@@ -100,7 +116,7 @@ def render(results: Path, docs: Path) -> str:
             rel = str((docs / "throughput.png").relative_to(ROOT))
         out += throughput_section(json.loads(path.read_text()), rel)
     for name, section in (("reference_vs_vllm", reference_section), ("simsd_quality", simsd_section),
-                          ("serve", serve_section)):
+                          ("psd_oracle", psd_section), ("serve", serve_section)):
         path = results / f"{name}.json"
         if path.is_file():
             found = True

@@ -108,6 +108,28 @@ def test_simsd_quality_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
     assert rows["simsd_self"]["acceptance_rate"] > rows["simsd_no_rope_copy"]["acceptance_rate"]
 
 
+def test_psd_oracle_smoke(tiny_ckpt, tmp_path):
+    out = tmp_path / "psd.json"
+    summary = run_bench("psd_oracle.py", tiny_ckpt, out)
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["method"], r["draft_depth"]) for r in rows} == {("plain", 0), ("psd", 1), ("psd", 3)}
+    plain = next(r for r in rows if r["method"] == "plain")
+    for r in rows:
+        assert r["identical_to_plain"] == 1.0  # lossless
+        assert r["forward_reduction"] == pytest.approx(r["tokens_per_forward"] / plain["tokens_per_forward"])
+        assert r["forward_reduction"] >= 1.0
+    assert next(r for r in rows if r["draft_depth"] == 1)["forward_reduction"] == pytest.approx(1.0)
+    assert "identical to plain 100%" in summary
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "psd_oracle.json").write_text(out.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    subprocess.run([sys.executable, str(BENCH / "report.py"), "--results", str(results), "--readme", str(readme),
+                    "--docs", str(tmp_path / "docs")], check=True, capture_output=True)
+    assert "| low_confidence_dynamic | psd | 3 |" in readme.read_text()
+
+
 def test_kernels_smoke(tmp_path):
     out = tmp_path / "kernels.json"
     proc = subprocess.run([sys.executable, str(BENCH / "kernels.py"), "--preset", "smoke", "--threads", "1",

@@ -1,4 +1,5 @@
-"""The pure-PyTorch oracle: SDAR model and block-diffusion generation."""
+"""The pure-PyTorch oracle: SDAR model and block-diffusion generation (SimSD: `reference.simsd`,
+PSD-style self-speculation: `reference.psd`)."""
 from vllm_dllm_spec.reference.generate import GenerateOutput, block_causal_mask, generate
 from vllm_dllm_spec.reference.model import KVCache, SDARArchConfig, SDARModel
 
