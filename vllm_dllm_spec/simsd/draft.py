@@ -13,10 +13,10 @@ denoising update (`denoise.select_to_unmask`, the reference's selection rules).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from vllm_dllm_spec.config import REMASKING_STRATEGIES, SimSDParams, SamplingKnobs
 from vllm_dllm_spec.denoise import predict_greedy, select_to_unmask
@@ -38,41 +38,37 @@ class PagedDraftModel:
     def slots(self, block_table_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return block_table_row[positions // self.cbs].long() * self.cbs + positions % self.cbs
 
+    def _batch_slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """block_tables [R, max_blocks], positions [R, P] -> cache slots [R, P]."""
+        return block_tables.gather(1, positions // self.cbs) * self.cbs + positions % self.cbs
+
     @torch.no_grad()
     def forward(self, tokens: list[torch.Tensor], first_pos: list[int], ctx_len: list[int],
                 num_store: list[int], block_tables: list[torch.Tensor], block_length: int
-                ) -> list[torch.Tensor]:
-        """One batched forward. Request r: query tokens[r] at positions first_pos[r] + i,
-        block-causal among themselves, every cached position < ctx_len[r] visible; the KV of
-        its first num_store[r] query tokens is written to the cache. Returns per request the
-        logits of its query tokens [n_r, V] (float32)."""
+                ) -> torch.Tensor:
+        """One batched forward. Request r: query tokens[r] (its uncommitted tokens, then its
+        block) at positions first_pos[r] + i, block-causal among themselves, every cached
+        position < ctx_len[r] visible; the KV of its first num_store[r] query tokens is written
+        to the cache. Returns the logits of every request's block, its last block_length query
+        tokens: [R, block_length, V] (float32)."""
         cfg = self.model.config
-        R = len(tokens)
-        n = torch.tensor([t.numel() for t in tokens])
+        R, B = len(tokens), block_length
+        n = torch.tensor([t.numel() for t in tokens])  # [R]
         T = int(n.max())
         C = max(1, max(ctx_len))
-        ids = torch.zeros(R, T, dtype=torch.long)
-        pos = torch.zeros(R, T, dtype=torch.long)
+        ids = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)  # [R, T]
+        pos = torch.tensor(first_pos)[:, None] + torch.arange(T)  # [R, T]
+        tables = torch.stack(block_tables).long()  # [R, max_blocks]
         qvalid = torch.arange(T)[None, :] < n[:, None]  # [R, T]
-        ctx_slots = torch.zeros(R, C, dtype=torch.long)
-        cvalid = torch.arange(C)[None, :] < torch.tensor(ctx_len)[:, None]  # [R, C]
-        store_rows, store_cols, store_slots = [], [], []
-        for r in range(R):
-            ids[r, : n[r]] = tokens[r]
-            pos[r, :] = first_pos[r] + torch.arange(T)
-            if ctx_len[r]:
-                ctx_slots[r, : ctx_len[r]] = self.slots(block_tables[r], torch.arange(ctx_len[r]))
-            if num_store[r]:
-                p = first_pos[r] + torch.arange(num_store[r])
-                store_rows.append(torch.full((num_store[r],), r))
-                store_cols.append(torch.arange(num_store[r]))
-                store_slots.append(self.slots(block_tables[r], p))
-        blocks = pos // block_length  # [R, T]
+        ctx_pos = torch.arange(C).expand(R, C)  # [R, C]
+        cvalid = ctx_pos < torch.tensor(ctx_len)[:, None]
+        ctx_slots = self._batch_slots(tables, ctx_pos)  # [R, C] (invalid ones masked below)
+        blocks = pos // B  # [R, T]
         qmask = (blocks[:, None, :] <= blocks[:, :, None]) & qvalid[:, None, :]  # [R, T, T]
         qmask |= torch.eye(T, dtype=torch.bool)[None]  # padded rows see themselves (no NaN)
-        mask = torch.cat([cvalid[:, None, :].expand(R, T, C), qmask], dim=2)  # [R, T, C + T]
-        if store_rows:
-            srow, scol, sslot = torch.cat(store_rows), torch.cat(store_cols), torch.cat(store_slots)
+        mask = torch.cat([cvalid[:, None, :].expand(R, T, C), qmask], dim=2)[:, None]  # [R, 1, T, C + T]
+        srow, scol = (torch.arange(T)[None, :] < torch.tensor(num_store)[:, None]).nonzero(as_tuple=True)
+        sslot = self._batch_slots(tables[srow], pos[srow, scol][:, None]).squeeze(1)  # [S]
 
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = self.model.model.embed_tokens(ids)  # [R, T, hidden]
@@ -86,19 +82,16 @@ class PagedDraftModel:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             past_k = self.k[i][ctx_slots].transpose(1, 2)  # [R, kvh, C, d]
             past_v = self.v[i][ctx_slots].transpose(1, 2)
-            if store_rows:
+            if srow.numel():
                 self.k[i][sslot] = k.transpose(1, 2)[srow, scol]
                 self.v[i][sslot] = v.transpose(1, 2)[srow, scol]
-            all_k = torch.cat([past_k, k], dim=2).repeat_interleave(h // kvh, dim=1)
-            all_v = torch.cat([past_v, v], dim=2).repeat_interleave(h // kvh, dim=1)
-            scores = (q @ all_k.transpose(-1, -2)).float() / math.sqrt(d)  # [R, h, T, C + T]
-            scores = scores.masked_fill(~mask[:, None], float("-inf"))
-            probs = scores.softmax(dim=-1).to(all_v.dtype)
-            out = (probs @ all_v).transpose(1, 2).reshape(R, T, h * d)
-            x = x + attn.o_proj(out)
+            out = F.scaled_dot_product_attention(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2),
+                                                 attn_mask=mask, enable_gqa=True)  # [R, h, T, d]
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(R, T, h * d))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = self.model.lm_head(self.model.model.norm(x)).float()  # [R, T, V]
-        return [logits[r, : n[r]] for r in range(R)]
+        block_cols = (n[:, None] - B + torch.arange(B))[..., None].expand(R, B, x.shape[-1])  # [R, B, hidden]
+        x = x.gather(1, block_cols)
+        return self.model.lm_head(self.model.model.norm(x)).float()  # [R, B, V]
 
 
 @dataclass
@@ -156,7 +149,7 @@ def draft_round(draft: PagedDraftModel, jobs: list[DraftJob], mask_id: int) -> N
             B,
         )
         R = len(active)
-        block_logits = exclude_mask_token(torch.stack([lg[-B:] for lg in logits]), mask_id)  # [R, B, V]
+        block_logits = exclude_mask_token(logits, mask_id)  # [R, B, V]
         V = block_logits.shape[-1]
         token = torch.zeros(R, B, dtype=torch.long)
         conf = torch.zeros(R, B)
