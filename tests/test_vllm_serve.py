@@ -1,7 +1,9 @@
 """A real `vllm serve` process on 127.0.0.1 serving an SDAR checkpoint with block diffusion (the
 plugin's default, no flag), queried through the `openai` client: /v1/completions and
 /v1/chat/completions, streaming and not, equal token for token to the reference; bad knobs get
-a 400 with the message and the server keeps serving."""
+a 400 with the message and the server keeps serving; at the context limit (max_model_len 510,
+not a multiple of the block: a request holds at most 508 tokens) the output is cut exactly like
+the reference and a prompt without room is a 400."""
 import time
 
 import pytest
@@ -10,10 +12,13 @@ from vllm_dllm_spec.testing import VLLMServer
 
 openai = pytest.importorskip("openai")
 
+MAX_MODEL_LEN = 510  # block 4: requests hold at most 508 tokens
+
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with VLLMServer(tiny_ckpt, log_path, {"remasking_strategy": "low_confidence_static"}) as srv:
+    with VLLMServer(tiny_ckpt, log_path, {"remasking_strategy": "low_confidence_static"},
+                    max_model_len=MAX_MODEL_LEN) as srv:
         yield openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120), log_path
 
 
@@ -91,6 +96,21 @@ def test_request_knobs_and_bad_knobs(server, ref):
     again = client.completions.create(model="sdar", prompt="hello", max_tokens=8, temperature=0,
                                       extra_body={"return_token_ids": True, "vllm_xargs": knobs})
     assert again.choices[0].token_ids == r.tokens
+
+
+def test_context_limit(server, ref):
+    client, _ = server
+    prompt = [2 + i % 300 for i in range(500)]
+    # no max_tokens: vLLM allows 510 - 500; the last block must end inside max_model_len: 8
+    resp = client.completions.create(model="sdar", prompt=prompt, temperature=0,
+                                     extra_body={"return_token_ids": True})
+    choice = resp.choices[0]
+    assert choice.token_ids == reference(ref, prompt, 8).tokens and choice.finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match=r"leaves no room.*at most 507 tokens"):
+        client.completions.create(model="sdar", prompt=prompt + [5] * 8, max_tokens=1)
+    again = client.completions.create(model="sdar", prompt=prompt[:40], max_tokens=5, temperature=0,
+                                      extra_body={"return_token_ids": True})
+    assert again.choices[0].token_ids == reference(ref, prompt[:40], 5).tokens
 
 
 def test_server_logs_tokens_per_forward(server):

@@ -176,14 +176,15 @@ class VLLMServer:
     """
 
     def __init__(self, model_dir: str, log_path: str | Path, dllm_spec: dict | None = None, *,
-                 max_num_seqs: int = 8, startup_timeout_s: float = 300.0, extra_args: tuple = ()):
+                 max_num_seqs: int = 8, max_model_len: int = 512, startup_timeout_s: float = 300.0,
+                 extra_args: tuple = ()):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = Path(log_path)
         self.startup_timeout_s = startup_timeout_s
         vllm = Path(__import__("sys").executable).with_name("vllm")
         self.cmd = [str(vllm), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-                    "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--block-size", "32",
+                    "--dtype", "float32", "--max-model-len", str(max_model_len), "--enforce-eager", "--block-size", "32",
                     "--max-num-seqs", str(max_num_seqs), "--served-model-name", "sdar", *extra_args]
         if dllm_spec is not None:
             self.cmd += ["--additional-config", json.dumps({"dllm_spec": dllm_spec})]
