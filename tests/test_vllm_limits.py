@@ -69,8 +69,9 @@ def test_max_model_len_too_small_is_a_startup_error(tiny_ckpt):
 
     args = EngineArgs(model=tiny_ckpt, dtype="float32", max_model_len=8, enforce_eager=True, block_size=32,
                       additional_config={"dllm_spec": {"method": "simsd", "num_draft_blocks": 2}})
-    with pytest.raises(ValueError, match=r"max_model_len \(8\) is too small for method 'simsd'.*>= 20"):
+    with pytest.raises(ValueError, match=r"max_model_len \(8\) is too small for method 'simsd'.*>= 16"):
         args.create_engine_config()
+    assert max_total_tokens(16, 4, 16) == 4  # the minimum it names holds a 3-token prompt + 1
 
 
 class TestBlockDiffusion:

@@ -83,11 +83,11 @@ def configure(vllm_config) -> None:
     additional["dllm_spec"].update(plan.options)
     scheduler_cls, worker_cls, num_spec = plan.scheduler_cls, plan.worker_cls, plan.num_speculative_tokens
     room = max_total_tokens(model_config.max_model_len, model_block, num_spec)
-    if room < 2:
+    if room < 2:  # not even a 1-token prompt and 1 output token
         raise ValueError(
             f"max_model_len ({model_config.max_model_len}) is too small for method {cfg.method!r}: "
             f"one step feeds {num_spec} positions from an SDAR block start (block length "
-            f"{model_block}); use max_model_len >= {num_spec + model_block}")
+            f"{model_block}); use max_model_len >= {num_spec + max(0, 2 - model_block)}")
     additional[ROOM_KEY] = room
     vllm_config.additional_config = additional
 
