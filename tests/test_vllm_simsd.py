@@ -33,15 +33,9 @@ def make_llm(path: str, *, prefix_caching: bool, options: dict, **kw):
     )
 
 
-
-
-
-
 def oracle_kwargs(config: dict) -> dict:
     names = {"remasking_strategy": "draft_remasking_strategy", "denoising_steps": "draft_denoising_steps"}
     return {names.get(k, k): v for k, v in config.items()}
-
-
 
 
 def run_batch(llm, prompts, configs, max_tokens, temperature=0.0, seeds=None):
