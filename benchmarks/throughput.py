@@ -12,6 +12,7 @@ share an engine and differ by per-request `extra_args`). Methods:
   entropy     entropy_bounded, eb_threshold 0.35
   simsd_self  SimSD, the target drafts for itself (draft: dynamic 0.85), greedy_match
   simsd       SimSD with the bundled draft model (when there is one)
+  psd         PSD-style self-speculation, dynamic 0.85, draft depth 3 (lossless: dynamic's tokens)
 Reported per (method, block, batch): output tokens/s, tokens per (target) forward, mean
 forwards per request, tokens finalised per step, draft forwards and accepted tokens per round
 (SimSD), and the tokens/s ratios against `dynamic` and `ar` of the same block and batch
@@ -52,6 +53,8 @@ def speculative_methods(block: int, draft_dir: str | None) -> dict[str, dict]:
     table = {"simsd_self": simsd}
     if draft_dir is not None:
         table["simsd"] = {**simsd, "draft_model": common.model_at_block(draft_dir, block)}
+    table["psd"] = {"method": "psd", "draft_depth": 3, "remasking_strategy": "low_confidence_dynamic",
+                    "confidence_threshold": 0.85}
     return table
 
 

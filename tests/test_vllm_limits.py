@@ -6,7 +6,8 @@
   output is cut, "length"); a prompt leaving no room is refused with a clear message and the
   engine keeps serving.
 - token budget: a full SimSD batch under the smallest max_num_batched_tokens the hook allows
-  (every request's verify region and commit in one step) equals the oracle."""
+  (every request's verify region and commit in one step) equals the oracle.
+- PSD: the same limits with its block copies (draft_depth x B tokens per step)."""
 import os
 import random
 
@@ -19,6 +20,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from vllm_dllm_spec.methods import max_total_tokens  # noqa: E402
 from vllm_dllm_spec.reference import SDARModel  # noqa: E402
 from vllm_dllm_spec.reference.generate import generate  # noqa: E402
+from vllm_dllm_spec.reference.psd import psd_generate  # noqa: E402
 from vllm_dllm_spec.reference.simsd import simsd_generate  # noqa: E402
 from vllm_dllm_spec.testing import shutdown_llm  # noqa: E402
 
@@ -142,3 +144,25 @@ class TestSimSD:
         (o,) = _run(llm, p, [8])
         assert list(o.outputs[0].token_ids) == simsd_generate(target, None, p[0], gen_length=8,
                                                               num_draft_blocks=2).tokens
+
+
+class TestPSD:
+    ROOM = max_total_tokens(MAX_LEN, B, 3 * B)  # 3 block copies per step: 56
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def llm(cls, tiny_ckpt):
+        llm = _llm(tiny_ckpt, {"method": "psd", "draft_depth": 3})
+        yield llm
+        shutdown_llm(llm)
+
+    def test_output_cut_where_the_copies_still_fit_and_prompt_without_room_refused(self, llm, target):
+        from vllm.exceptions import VLLMValidationError
+
+        prompts = _prompts([30, 45, 52, 55], seed=4)
+        for p, o in zip(prompts, _run(llm, prompts, [None] * len(prompts))):
+            ref = psd_generate(target, p, gen_length=self.ROOM - len(p), draft_depth=3)
+            assert list(o.outputs[0].token_ids) == ref.tokens and o.outputs[0].finish_reason == "length"
+            assert o.kv_transfer_params["dllm_spec"]["num_forwards"] == ref.num_forwards
+        with pytest.raises(VLLMValidationError, match=rf"at most {self.ROOM - 1} tokens"):
+            _run(llm, _prompts([self.ROOM]), [None])

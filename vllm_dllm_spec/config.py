@@ -120,7 +120,7 @@ class DLLMSpecConfig:
 
     The block-diffusion knobs (denoising_steps, remasking_strategy, thresholds) describe the
     diffusion being run: the target's for "block_diffusion", the draft's for "simsd". The
-    simsd-only knobs are ignored by "block_diffusion".
+    simsd-only knobs are ignored by the other methods, draft_depth by all but "psd".
     """
 
     method: str = "block_diffusion"
@@ -134,9 +134,15 @@ class DLLMSpecConfig:
     num_draft_blocks: int = 1
     verification: str = "greedy_match"
     rope_copy: bool = True
+    # psd
+    draft_depth: int = 3  # denoising states drafted from one forward (verified in the next)
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        _require(
+            isinstance(self.draft_depth, int) and not isinstance(self.draft_depth, bool) and self.draft_depth >= 1,
+            f"draft_depth must be an integer >= 1, got {self.draft_depth!r}",
+        )
         _require(
             self.draft_model is None or (isinstance(self.draft_model, str) and self.draft_model != ""),
             f"draft_model must be a path to an SDAR directory or null (self-draft), got {self.draft_model!r}",

@@ -288,6 +288,9 @@ class BlockDiffusionProposer:
         return self._drafts
 
 
+# methods whose speculation is defined (and lossless) for greedy decoding only
+GREEDY_ONLY_METHODS = ("psd",)
+
 # SamplingParams fields vLLM's sampler would apply and block diffusion does not, with their "off"
 # value (None is always off).
 UNSUPPORTED_SAMPLING = {
@@ -322,6 +325,10 @@ class RequestKnobsValidator(LogitsProcessor):
                 f"SDAR block diffusion does not support {', '.join(unsupported)} (tokens are "
                 "denoised in blocks, not sampled by vLLM's sampler); leave them unset"
             )
+        method = (cls.context[0] if cls.context is not None else {}).get("method")
+        if method in GREEDY_ONLY_METHODS and float(sampling_params.temperature) > 1e-5:
+            raise ValueError(f"method {method!r} is greedy only: temperature must be 0, got "
+                             f"{sampling_params.temperature}")
         extra = getattr(sampling_params, "extra_args", None) or {}
         if not any(key in extra for key in REQUEST_KNOBS):
             return

@@ -45,7 +45,7 @@ class PSDOutput:
     accepted_per_verification: list[int] = field(default_factory=list)  # steps each advanced
 
 
-def _policy_step(params, step, block, logits, mask_id):
+def policy_step(params, step, block, logits, mask_id):
     """One plain denoising step: (next block [B], positions it unmasked [B] bool)."""
     token, confidence, entropy, _ = predict(exclude_mask_token(logits, mask_id), GREEDY, None)
     chosen = select_to_unmask(params, step, block == mask_id, confidence, entropy)
@@ -114,7 +114,7 @@ def psd_generate(
             for i in range(draft_depth):
                 if not bool((state == mask_id).any()):
                     break
-                state, chosen = _policy_step(params, step + i, state, logits, mask_id)
+                state, chosen = policy_step(params, step + i, state, logits, mask_id)
                 chain.append(state)
                 chosen_at.append(chosen)
             # one verification forward over every draft state that still has masks
@@ -126,7 +126,7 @@ def psd_generate(
             # policy on state i's verified logits picks it
             accepted = 1
             while accepted < len(chain):
-                expected, _ = _policy_step(params, step + accepted, chain[accepted - 1],
+                expected, _ = policy_step(params, step + accepted, chain[accepted - 1],
                                            verified[accepted - 1], mask_id)
                 if not torch.equal(expected, chain[accepted]):
                     break

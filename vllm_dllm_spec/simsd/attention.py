@@ -16,7 +16,8 @@ cache by vLLM at its (sequential) slots; those slots lie after the committed pre
 re-fed next round, never hashed for prefix caching (they are spec tokens).
 
 The step's layout is published by the runner in `CURRENT` (module state of this process, set
-before the model forward and cleared after it).
+before the model forward and cleared after it). PSD's verify step uses the same fix-up with a
+block-diagonal region mask (one block copy per drafted state; `vllm_dllm_spec.psd.runner`).
 """
 from __future__ import annotations
 
@@ -72,3 +73,16 @@ class SimSDAttentionImpl(CPUAttentionBackendImpl):
         out_view = output.view(-1, H, D)
         out_view[idx] = res.transpose(1, 2).reshape(R * Q, H, D)
         return out
+
+
+def install_region_attention(model) -> None:
+    """Swaps `SimSDAttentionImpl` in on every CPU attention layer of the target model."""
+    from vllm.model_executor.layers.attention import Attention
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and isinstance(module.impl, CPUAttentionBackendImpl):
+            module.impl.__class__ = SimSDAttentionImpl
+            n += 1
+    if n == 0:
+        raise RuntimeError("found no CPU attention layer to install the verify-region attention on")

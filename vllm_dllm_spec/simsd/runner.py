@@ -76,16 +76,7 @@ class SimSDModelRunner(DLLMModelRunner):
     # -- set-up ------------------------------------------------------------------------------
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
-        from vllm.model_executor.layers.attention import Attention
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
-
-        n = 0
-        for module in self.model.modules():
-            if isinstance(module, Attention) and isinstance(module.impl, CPUAttentionBackendImpl):
-                module.impl.__class__ = simsd_attention.SimSDAttentionImpl
-                n += 1
-        if n == 0:
-            raise RuntimeError("SimSD: found no CPU attention layer to install the verify mask on")
+        simsd_attention.install_region_attention(self.model)
         from vllm_dllm_spec.reference.model import SDARModel
 
         path = self.engine_options.get("draft_model") or self.model_config.model

@@ -1,0 +1,16 @@
+"""Config-hook side of PSD: the classes vLLM must use and the region size."""
+from __future__ import annotations
+
+from vllm_dllm_spec.methods import MethodPlan
+
+SCHEDULER_CLS = "vllm_dllm_spec.psd.scheduler.PSDScheduler"
+WORKER_CLS = "vllm_dllm_spec.psd.runner.PSDWorker"
+
+
+class PSD:
+    """PSD-style self-speculation (registered in vllm_dllm_spec.methods): the spec-token slots
+    hold `draft_depth` copies of the in-progress block, one per drafted denoising state."""
+
+    def plan(self, cfg, model_block: int, hf_config) -> MethodPlan:
+        return MethodPlan(SCHEDULER_CLS, WORKER_CLS, cfg.draft_depth * model_block,
+                          {"draft_depth": cfg.draft_depth})

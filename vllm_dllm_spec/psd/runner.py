@@ -1,0 +1,209 @@
+"""PSD worker / model runner (CPU platform): subclasses of the block-diffusion ones.
+
+Per request the runner keeps its in-progress block S and, once a forward has given the logits
+of S, the chain of states drafted from them (`reference.psd`: the remasking policy applied
+again and again to the same logits). One engine step = one forward over the request's region,
+`draft_depth` copies of its block (token indices block_start + c * B + j, positions
+block_start + j, each copy attending to the cached prefix and to itself only):
+- no chain yet (a block's first step): copy 0 = S, the other copies repeat it (unused);
+- otherwise: copy c = the chain's (c + 1)-th state, the last one repeated as padding.
+`_sample` reads each copy's logits: the first step yields logits(S); a verify step keeps the
+deepest chain state the policy confirms (hierarchical acceptance). A state without masks is the
+finished block, emitted whole; otherwise the logits of the accepted state draft the next chain.
+Tokens, step_map and forwards equal `reference.psd.psd_generate` (tests/test_vllm_psd.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from vllm.v1.outputs import SamplerOutput
+
+from vllm_dllm_spec.config import DenoiseParams
+from vllm_dllm_spec.denoise import PLACEHOLDER, resolve_request_params
+from vllm_dllm_spec.reference.psd import policy_step
+from vllm_dllm_spec.simsd import attention as region_attention
+from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
+
+
+@dataclass
+class PSDState:
+    params: DenoiseParams
+    block_start: int = -1
+    block: torch.Tensor | None = None  # [B] the known state S (prompt tokens, unmasked, masks)
+    step: int = 0  # denoising steps S has taken
+    unmasked_at: torch.Tensor | None = None  # [B] step that unmasked each position, -1 if not yet
+    chain: list[torch.Tensor] = field(default_factory=list)  # drafted states S_1 .. (from logits(S))
+    chosen: list[torch.Tensor] = field(default_factory=list)  # [B] bool: what each transition unmasked
+
+
+@dataclass
+class StepInfo:
+    row: int
+    num_tokens: int
+    block_start: int
+    num_computed: int
+    num_copies: int  # copies that carry a state to evaluate (the rest is padding)
+
+
+class PSDModelRunner(DLLMModelRunner):
+    def __init__(self, vllm_config, device):
+        super().__init__(vllm_config, device)
+        hf = vllm_config.model_config.hf_config
+        self.mask_token_id = int(hf.mask_token_id)
+        self.block_length = int(hf.block_size)
+        self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
+        self.depth = int(self.engine_options["draft_depth"])
+        self.psd_states: dict[str, PSDState] = {}
+        self._steps: dict[str, StepInfo] = {}
+        self._next_drafts: list[list[int]] = []
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        region_attention.install_region_attention(self.model)
+
+    def _region_length(self, num_tokens: int) -> int:
+        return self.depth * self.block_length - num_tokens % self.block_length
+
+    # -- per-request state -------------------------------------------------------------------
+    def _update_states(self, scheduler_output):
+        for r in scheduler_output.finished_req_ids:
+            self.psd_states.pop(r, None)
+        for r in scheduler_output.preempted_req_ids or ():
+            self.psd_states.pop(r, None)  # its KV is freed: the in-progress block restarts
+        result = super()._update_states(scheduler_output)
+        self._fill_regions(scheduler_output)
+        return result
+
+    def _state_for(self, rid: str) -> PSDState:
+        st = self.psd_states.get(rid)
+        if st is None:
+            extra = getattr(self.requests[rid].sampling_params, "extra_args", None)
+            st = self.psd_states[rid] = PSDState(
+                params=resolve_request_params(self.engine_options, extra, self.block_length))
+        return st
+
+    def _fill_regions(self, scheduler_output) -> None:
+        """Writes every scheduled request's region (its block copies) over the placeholder spec
+        tokens the scheduler reserved."""
+        self._steps = {}
+        batch, B, mask_id = self.input_batch, self.block_length, self.mask_token_id
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        for i, rid in enumerate(batch.req_ids[: batch.num_reqs]):
+            n_spec = len(spec.get(rid, ()))
+            if n_spec == 0:
+                continue  # a prompt chunk
+            num_tokens = int(batch.num_tokens_no_spec[i])
+            if n_spec != self._region_length(num_tokens):
+                raise RuntimeError(f"PSD request {rid}: {n_spec} spec tokens scheduled, the region needs "
+                                   f"{self._region_length(num_tokens)} (the hook sizes the token budget; a bug)")
+            st = self._state_for(rid)
+            block_start = num_tokens // B * B
+            if st.block_start != block_start:  # a new block: fully masked after its prompt tokens
+                known = torch.from_numpy(batch.token_ids_cpu[i, block_start:num_tokens].copy()).long()
+                st.block_start, st.step, st.chain, st.chosen = block_start, 0, [], []
+                st.block = torch.cat([known, torch.full((B - known.numel(),), mask_id)])
+                st.unmasked_at = torch.full((B,), -1)
+            states = [s for s in st.chain if bool((s == mask_id).any())] or [st.block]
+            copies = states + [states[-1]] * (self.depth - len(states))
+            values = torch.cat(copies)[num_tokens - block_start:].tolist()
+            batch.token_ids_cpu[i, num_tokens: num_tokens + len(values)] = values
+            batch.spec_token_ids[i][:] = values
+            self._steps[rid] = StepInfo(i, num_tokens, block_start, int(batch.num_computed_tokens_cpu[i]),
+                                        len(states))
+
+    # -- positions (each copy at the block's positions) and the block-diagonal mask ----------
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        out = super()._prepare_inputs(scheduler_output, *args, **kwargs)
+        region_attention.CURRENT = None
+        if not self._steps:
+            return out
+        B, D = self.block_length, self.depth
+        Q = D * B
+        qsl = self.query_start_loc.cpu
+        tables = self.input_batch.block_table[0].get_cpu_tensor()
+        cbs = self.cache_config.block_size
+        infos = list(self._steps.values())
+        starts = torch.tensor([int(qsl[s.row]) + s.block_start - s.num_computed for s in infos])
+        region_index = starts[:, None] + torch.arange(Q)  # [R, Q]
+        block_starts = torch.tensor([s.block_start for s in infos])
+        positions = block_starts[:, None] + torch.arange(B).repeat(D)  # [R, Q]: every copy at the block
+        self.positions[region_index.flatten()] = positions.flatten().to(self.positions.dtype)
+        copy_of = torch.arange(Q) // B
+        region_mask = (copy_of[:, None] == copy_of[None, :]).expand(len(infos), Q, Q)  # [R, Q, Q]
+        L = max(1, int(block_starts.max()))
+        prefix = torch.arange(L).expand(len(infos), L)  # [R, L]
+        rows = tables[torch.tensor([s.row for s in infos])].long()
+        slots = rows.gather(1, prefix // cbs) * cbs + prefix % cbs
+        valid = prefix < block_starts[:, None]
+        region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, region_mask)
+        return out
+
+    # -- acceptance and the next chain -------------------------------------------------------
+    def _draft_chain(self, st: PSDState, logits: torch.Tensor) -> None:
+        """The policy applied again and again to logits(S): S_1 (exact) .. S_D' (drafts)."""
+        st.chain, st.chosen = [], []
+        state = st.block
+        for i in range(self.depth):
+            if not bool((state == self.mask_token_id).any()):
+                break
+            state, chosen = policy_step(st.params, st.step + i, state, logits, self.mask_token_id)
+            st.chain.append(state)
+            st.chosen.append(chosen)
+
+    def _advance(self, st: PSDState, accepted: int) -> None:
+        for i in range(accepted):
+            st.unmasked_at[st.chosen[i]] = st.step + i
+        st.block = st.chain[accepted - 1]
+        st.step += accepted
+
+    def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
+        region_attention.CURRENT = None
+        batch, B, mask_id = self.input_batch, self.block_length, self.mask_token_id
+        num_reqs = batch.num_reqs
+        out = torch.full((num_reqs, B + 1), PLACEHOLDER, dtype=torch.int64)  # spare column: see worker.py
+        self._next_drafts = [[] for _ in range(num_reqs)]
+        self.drafter.finished_step_maps = {}
+        if spec_decode_metadata is None or not self._steps:
+            return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
+        spec_logits = logits[spec_decode_metadata.target_logits_indices + 1]  # [T, V] AT the spec tokens
+        offsets = [0]
+        for n in spec_decode_metadata.num_draft_tokens:
+            offsets.append(offsets[-1] + n)
+        for rid, info in self._steps.items():
+            st = self.psd_states[rid]
+            known = info.num_tokens - info.block_start
+            # region index q holds spec row offsets[row] + q - known (q >= known); rows of the
+            # prompt tokens (q < known) are never masks: any logits do
+            q = (torch.arange(info.num_copies * B) - known).clamp(min=0) + offsets[info.row]
+            copy_logits = spec_logits[q].view(info.num_copies, B, -1)  # [copies, B, V]
+            if not st.chain:  # the block's first step: logits of S itself
+                self._draft_chain(st, copy_logits[0])
+            else:
+                accepted = 1
+                while accepted < len(st.chain):
+                    expected, _ = policy_step(st.params, st.step + accepted, st.chain[accepted - 1],
+                                               copy_logits[accepted - 1], mask_id)
+                    if not torch.equal(expected, st.chain[accepted]):
+                        break
+                    accepted += 1
+                self._advance(st, accepted)
+                if bool((st.block == mask_id).any()):
+                    self._draft_chain(st, copy_logits[accepted - 1])
+            if not bool((st.chain[0] == mask_id).any()) and bool((st.block == mask_id).any()):
+                self._advance(st, 1)  # the policy's next step finishes the block: no forward needed
+            if bool((st.block == mask_id).any()):
+                self._next_drafts[info.row] = [mask_id] * self._region_length(info.num_tokens)
+                continue
+            out[info.row, : B - known] = st.block[known:]
+            self.drafter.finished_step_maps[rid] = st.unmasked_at[known:].tolist()
+            st.block_start = -1  # the next block starts fully masked
+            self._next_drafts[info.row] = [mask_id] * self._region_length(info.num_tokens + B - known)
+        return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        return self._next_drafts
+
+
+class PSDWorker(DLLMWorker):
+    runner_cls = PSDModelRunner
