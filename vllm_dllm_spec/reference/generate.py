@@ -164,14 +164,8 @@ def generate(
     eos_token_id: int | None = None,
 ) -> GenerateOutput:
     cfg = model.config
-    block_length = cfg.block_size if block_length is None else block_length
-    params = DenoiseParams(
-        block_length=block_length,
-        denoising_steps=block_length if denoising_steps is None else denoising_steps,
-        remasking_strategy=remasking_strategy,
-        confidence_threshold=confidence_threshold,
-        eb_threshold=eb_threshold,
-    )
+    params = block_params(cfg, block_length, denoising_steps, remasking_strategy, confidence_threshold,
+                          eb_threshold)
     knobs = SamplingKnobs(temperature=temperature, top_k=top_k, top_p=top_p)
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
     mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
@@ -230,6 +224,19 @@ def generate(
 
     keep = output_length(tokens, gen_length, eos_id)
     return GenerateOutput(tokens[:keep], step_map[:keep], num_forwards, block_steps)
+
+
+def block_params(cfg, block_length, denoising_steps, remasking_strategy, confidence_threshold,
+                 eb_threshold) -> DenoiseParams:
+    """The oracles' denoising knobs (block length default: the model's; steps: the block's)."""
+    block_length = cfg.block_size if block_length is None else block_length
+    return DenoiseParams(
+        block_length=block_length,
+        denoising_steps=block_length if denoising_steps is None else denoising_steps,
+        remasking_strategy=remasking_strategy,
+        confidence_threshold=confidence_threshold,
+        eb_threshold=eb_threshold,
+    )
 
 
 def is_finished(generated: list[int], gen_length: int, eos_id: int | None) -> bool:

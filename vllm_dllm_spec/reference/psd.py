@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_dllm_spec.config import DenoiseParams, SamplingKnobs
+from vllm_dllm_spec.config import SamplingKnobs
 from vllm_dllm_spec.reference.generate import (
     _validate,
     block_causal_mask,
+    block_params,
     exclude_mask_token,
     is_finished,
     output_length,
@@ -69,14 +70,8 @@ def psd_generate(
     cfg = model.config
     if not isinstance(draft_depth, int) or isinstance(draft_depth, bool) or draft_depth < 1:
         raise ValueError(f"draft_depth must be an integer >= 1, got {draft_depth!r}")
-    block_length = cfg.block_size if block_length is None else block_length
-    params = DenoiseParams(
-        block_length=block_length,
-        denoising_steps=block_length if denoising_steps is None else denoising_steps,
-        remasking_strategy=remasking_strategy,
-        confidence_threshold=confidence_threshold,
-        eb_threshold=eb_threshold,
-    )
+    params = block_params(cfg, block_length, denoising_steps, remasking_strategy, confidence_threshold,
+                          eb_threshold)
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
     mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
     eos_id = cfg.eos_token_id if eos_token_id is None else eos_token_id

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_dllm_spec import ops
-from vllm_dllm_spec.config import DenoiseParams, SamplingKnobs, SimSDParams
+from vllm_dllm_spec.config import SamplingKnobs, SimSDParams
 from vllm_dllm_spec.reference.generate import (
     _validate,
+    block_params,
     denoise_block,
     exclude_mask_token,
     filter_top_k_top_p,
@@ -173,13 +174,8 @@ def simsd_generate(
             f"got {draft_model.config.vocab_size}")
     B = cfg.block_size if block_length is None else block_length
     params = SimSDParams(
-        draft=DenoiseParams(
-            block_length=B,
-            denoising_steps=B if draft_denoising_steps is None else draft_denoising_steps,
-            remasking_strategy=draft_remasking_strategy,
-            confidence_threshold=confidence_threshold,
-            eb_threshold=eb_threshold,
-        ),
+        draft=block_params(cfg, B, draft_denoising_steps, draft_remasking_strategy, confidence_threshold,
+                           eb_threshold),
         num_draft_blocks=num_draft_blocks,
         verification=verification,
         rope_copy=rope_copy,
