@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 
 from vllm_dllm_spec.config import DenoiseParams
@@ -24,6 +25,8 @@ from vllm_dllm_spec.denoise import PLACEHOLDER, resolve_request_params
 from vllm_dllm_spec.reference.psd import policy_step
 from vllm_dllm_spec.simsd import attention as region_attention
 from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
+
+logger = init_logger("vllm." + __name__)
 
 
 @dataclass
@@ -79,8 +82,12 @@ class PSDModelRunner(DLLMModelRunner):
         st = self.psd_states.get(rid)
         if st is None:
             extra = getattr(self.requests[rid].sampling_params, "extra_args", None)
-            st = self.psd_states[rid] = PSDState(
-                params=resolve_request_params(self.engine_options, extra, self.block_length))
+            try:
+                params = resolve_request_params(self.engine_options, extra, self.block_length)
+            except ValueError as err:  # the front end validates; never take the engine down
+                logger.warning("request %s: %s; using the engine's dllm_spec knobs", rid, err)
+                params = resolve_request_params(self.engine_options, None, self.block_length)
+            st = self.psd_states[rid] = PSDState(params=params)
         return st
 
     def _fill_regions(self, scheduler_output) -> None:
