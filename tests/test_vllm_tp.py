@@ -69,3 +69,33 @@ def test_simsd_tp2_equals_oracle(tiny_ckpt, tiny_tied_ckpt, monkeypatch):
         record = o.kv_transfer_params["dllm_spec"]
         assert list(o.outputs[0].token_ids) == r.tokens, len(p)
         assert (record["target_forwards"], record["draft_forwards"]) == (r.target_forwards, r.draft_forwards)
+
+
+@pytest.mark.slow
+def test_psd_tp2_equals_oracle(tiny_tied_ckpt, monkeypatch):
+    """PSD with TP=2: the block copies' region attention runs on each rank's heads; tokens,
+    step_map and forwards equal the PSD oracle (and so plain block diffusion's tokens)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    from vllm import LLM, SamplingParams
+
+    from vllm_dllm_spec.reference import SDARModel
+    from vllm_dllm_spec.reference.psd import psd_generate
+
+    llm = LLM(model=tiny_tied_ckpt, dtype="float32", max_model_len=256, enforce_eager=True,
+              max_num_seqs=8, block_size=32, tensor_parallel_size=2,
+              distributed_executor_backend="mp", seed=0,
+              additional_config={"dllm_spec": {"method": "psd", "draft_depth": 3}})
+    try:
+        vocab = llm.llm_engine.model_config.hf_config.vocab_size
+        rng = random.Random(7)
+        prompts = [[rng.randrange(2, vocab) for _ in range(n)] for n in [2, 7, 12, 33]]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=14, temperature=0), use_tqdm=False)
+    finally:
+        shutdown_llm(llm)
+    model = SDARModel.from_pretrained(tiny_tied_ckpt)
+    for p, o in zip(prompts, outs):
+        r = psd_generate(model, p, gen_length=14, draft_depth=3)
+        record = o.kv_transfer_params["dllm_spec"]
+        assert list(o.outputs[0].token_ids) == r.tokens, len(p)
+        assert (record["step_map"], record["num_forwards"]) == (r.step_map, r.num_forwards)
