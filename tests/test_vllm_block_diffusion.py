@@ -28,12 +28,6 @@ def make_llm(path: str, *, prefix_caching: bool, additional_config=None, **kw):
     )
 
 
-
-
-
-
-
-
 def run_batch(llm, prompts, configs, max_tokens):
     from vllm import SamplingParams
 
