@@ -6,7 +6,7 @@ output is identical to plain decoding (the method is lossless).
     python benchmarks/psd_oracle.py [--preset smoke|default] [--model DIR] [--out FILE.json]
 
 Oracle runs (pure PyTorch, one prompt at a time): forward counts are the method's, not a
-throughput (PSD is not in the vLLM path yet).
+throughput (the vLLM method `psd` equals this oracle; its tokens/s: benchmarks/throughput.py).
 """
 from __future__ import annotations
 
