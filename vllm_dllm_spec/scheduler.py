@@ -26,7 +26,7 @@ import time
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_dllm_spec.methods import max_total_tokens
+from vllm_dllm_spec.vllm_hooks import ROOM_KEY
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so vLLM's log config applies
 LOG_INTERVAL_S = 10.0
@@ -38,10 +38,15 @@ class BlockDiffusionScheduler(Scheduler):
         hf = vllm_config.model_config.hf_config
         self.block_length = int(hf.block_size)
         self.mask_token_id = int(hf.mask_token_id)
-        # Spec-token slots of a request's first step, less its leftover prompt tokens (the
-        # first block's masks here; SimSD's verify region), and room for them.
-        self.first_spec_slots = self.block_length
+        # Spec-token slots a step feeds from the in-progress block's start: the method plan's
+        # num_speculative_tokens (block diffusion: the block; SimSD: its verify region; PSD: its
+        # block copies). A request finishing its prompt gets them less its leftover prompt
+        # tokens; keep room for them.
+        self.first_spec_slots = self.num_spec_tokens
         self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.first_spec_slots)
+        # most tokens one request can hold (computed by the config hook, which also refuses
+        # prompts without room at the front end)
+        self.max_total_tokens = int(vllm_config.additional_config[ROOM_KEY])
         self.num_forwards: dict[str, int] = {}  # request id -> model forwards so far
         self.step_maps: dict[str, list[int]] = {}  # request id -> step_map of its final tokens
         self.total_forwards = 0  # request-forwards of finished requests (observability)
@@ -50,9 +55,9 @@ class BlockDiffusionScheduler(Scheduler):
 
     # -- admission ---------------------------------------------------------------------------
     def add_request(self, request) -> None:
-        room = max_total_tokens(self.max_model_len, self.block_length, self.first_spec_slots)
         # the front end refused prompts without room (>= 1 token always fits here)
-        request.max_tokens = max(1, min(request.max_tokens, room - request.num_prompt_tokens))
+        room = self.max_total_tokens - request.num_prompt_tokens
+        request.max_tokens = max(1, min(request.max_tokens, room))
         super().add_request(request)
 
     # -- scheduling --------------------------------------------------------------------------

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from vllm_dllm_spec.methods import MethodPlan
 
-SCHEDULER_CLS = "vllm_dllm_spec.psd.scheduler.PSDScheduler"
+# the block-diffusion scheduler as it is: its spec-token slots per step are the plan's
+# num_speculative_tokens, here the block copies
+SCHEDULER_CLS = "vllm_dllm_spec.scheduler.BlockDiffusionScheduler"
 WORKER_CLS = "vllm_dllm_spec.psd.runner.PSDWorker"
 
 

@@ -22,7 +22,7 @@ from vllm.v1.outputs import SamplerOutput
 
 from vllm_dllm_spec.config import DenoiseParams
 from vllm_dllm_spec.denoise import PLACEHOLDER, resolve_request_params
-from vllm_dllm_spec.reference.psd import policy_step
+from vllm_dllm_spec.reference.psd import accepted_depth, draft_chain
 from vllm_dllm_spec.simsd import attention as region_attention
 from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
 
@@ -129,7 +129,6 @@ class PSDModelRunner(DLLMModelRunner):
         Q = D * B
         qsl = self.query_start_loc.cpu
         tables = self.input_batch.block_table[0].get_cpu_tensor()
-        cbs = self.cache_config.block_size
         infos = list(self._steps.values())
         starts = torch.tensor([int(qsl[s.row]) + s.block_start - s.num_computed for s in infos])
         region_index = starts[:, None] + torch.arange(Q)  # [R, Q]
@@ -138,25 +137,14 @@ class PSDModelRunner(DLLMModelRunner):
         self.positions[region_index.flatten()] = positions.flatten().to(self.positions.dtype)
         copy_of = torch.arange(Q) // B
         region_mask = (copy_of[:, None] == copy_of[None, :]).expand(len(infos), Q, Q)  # [R, Q, Q]
-        L = max(1, int(block_starts.max()))
-        prefix = torch.arange(L).expand(len(infos), L)  # [R, L]
-        rows = tables[torch.tensor([s.row for s in infos])].long()
-        slots = rows.gather(1, prefix // cbs) * cbs + prefix % cbs
-        valid = prefix < block_starts[:, None]
+        slots, valid = region_attention.prefix_layout(tables[torch.tensor([s.row for s in infos])], block_starts,
+                                                      self.cache_config.block_size)
         region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, region_mask)
         return out
 
     # -- acceptance and the next chain -------------------------------------------------------
     def _draft_chain(self, st: PSDState, logits: torch.Tensor) -> None:
-        """The policy applied again and again to logits(S): S_1 (exact) .. S_D' (drafts)."""
-        st.chain, st.chosen = [], []
-        state = st.block
-        for i in range(self.depth):
-            if not bool((state == self.mask_token_id).any()):
-                break
-            state, chosen = policy_step(st.params, st.step + i, state, logits, self.mask_token_id)
-            st.chain.append(state)
-            st.chosen.append(chosen)
+        st.chain, st.chosen = draft_chain(st.params, st.step, st.block, logits, self.depth, self.mask_token_id)
 
     def _advance(self, st: PSDState, accepted: int) -> None:
         for i in range(accepted):
@@ -187,13 +175,7 @@ class PSDModelRunner(DLLMModelRunner):
             if not st.chain:  # the block's first step: logits of S itself
                 self._draft_chain(st, copy_logits[0])
             else:
-                accepted = 1
-                while accepted < len(st.chain):
-                    expected, _ = policy_step(st.params, st.step + accepted, st.chain[accepted - 1],
-                                               copy_logits[accepted - 1], mask_id)
-                    if not torch.equal(expected, st.chain[accepted]):
-                        break
-                    accepted += 1
+                accepted = accepted_depth(st.params, st.step, st.chain, copy_logits, mask_id)
                 self._advance(st, accepted)
                 if bool((st.block == mask_id).any()):
                     self._draft_chain(st, copy_logits[accepted - 1])

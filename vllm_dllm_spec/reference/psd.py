@@ -53,6 +53,33 @@ def policy_step(params, step, block, logits, mask_id):
     return torch.where(chosen, token, block), chosen
 
 
+def draft_chain(params, step, block, logits, depth, mask_id):
+    """The policy applied again and again to logits(S) for S = block (at denoising step `step`):
+    states S_1 (exact) .. S_depth' (drafts), stopping at a state without masks. Returns (chain,
+    chosen): the states [B] and what each transition unmasked [B] bool."""
+    chain, chosen = [], []
+    state = block
+    for i in range(depth):
+        if not bool((state == mask_id).any()):
+            break
+        state, unmasked = policy_step(params, step + i, state, logits, mask_id)
+        chain.append(state)
+        chosen.append(unmasked)
+    return chain, chosen
+
+
+def accepted_depth(params, step, chain, verified, mask_id) -> int:
+    """Hierarchical acceptance: the first state is exact; state i + 1 stands iff the policy on
+    state i's verified logits (verified[i - 1], for the states that have masks) picks it."""
+    accepted = 1
+    while accepted < len(chain):
+        expected, _ = policy_step(params, step + accepted, chain[accepted - 1], verified[accepted - 1], mask_id)
+        if not torch.equal(expected, chain[accepted]):
+            break
+        accepted += 1
+    return accepted
+
+
 def psd_generate(
     model: SDARModel,
     prompt_ids: list[int] | torch.Tensor,
@@ -103,29 +130,13 @@ def psd_generate(
         unmasked_at = torch.full((B,), -1)
         step = 0
         while bool((block == mask_id).any()):
-            # drafts: the policy applied again and again to the logits of the known state
-            chain, chosen_at = [], []
-            state = block
-            for i in range(draft_depth):
-                if not bool((state == mask_id).any()):
-                    break
-                state, chosen = policy_step(params, step + i, state, logits, mask_id)
-                chain.append(state)
-                chosen_at.append(chosen)
+            chain, chosen_at = draft_chain(params, step, block, logits, draft_depth, mask_id)
             # one verification forward over every draft state that still has masks
             open_states = [s for s in chain if bool((s == mask_id).any())]
             if open_states:
                 out.num_forwards += 1
             verified = [block_forward(s, 0) for s in open_states]
-            # hierarchical acceptance: the first state is exact; state i + 1 stands iff the
-            # policy on state i's verified logits picks it
-            accepted = 1
-            while accepted < len(chain):
-                expected, _ = policy_step(params, step + accepted, chain[accepted - 1],
-                                           verified[accepted - 1], mask_id)
-                if not torch.equal(expected, chain[accepted]):
-                    break
-                accepted += 1
+            accepted = accepted_depth(params, step, chain, verified, mask_id)
             for i in range(accepted):
                 unmasked_at[chosen_at[i]] = step + i
             block = chain[accepted - 1]

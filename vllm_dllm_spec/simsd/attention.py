@@ -38,6 +38,19 @@ class VerifyLayout:
 CURRENT: VerifyLayout | None = None
 
 
+def cache_slots(block_tables: torch.Tensor, positions: torch.Tensor, cache_block_size: int) -> torch.Tensor:
+    """block_tables [R, max_blocks], positions [R, P] -> paged-cache slots [R, P]."""
+    return block_tables.gather(1, positions // cache_block_size) * cache_block_size + positions % cache_block_size
+
+
+def prefix_layout(block_tables: torch.Tensor, block_starts: torch.Tensor, cache_block_size: int):
+    """The cached prefix every region row sees: positions < block_starts[r] of request r.
+    Returns (slots [R, L], valid [R, L]); slots past a request's prefix are masked by valid."""
+    L = max(1, int(block_starts.max()))
+    prefix = torch.arange(L).expand(len(block_starts), L)  # [R, L]
+    return cache_slots(block_tables.long(), prefix, cache_block_size), prefix < block_starts[:, None]
+
+
 class SimSDAttentionImpl(CPUAttentionBackendImpl):
     """CPU attention impl whose region rows follow the reference-token mask (class swapped in
     on the target's attention layers by the SimSD runner)."""

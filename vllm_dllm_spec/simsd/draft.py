@@ -22,6 +22,7 @@ from vllm_dllm_spec.config import REMASKING_STRATEGIES, SimSDParams, SamplingKno
 from vllm_dllm_spec.denoise import predict_greedy, select_to_unmask
 from vllm_dllm_spec.reference.generate import exclude_mask_token, predict
 from vllm_dllm_spec.reference.model import SDARModel, apply_rope, rope_cos_sin
+from vllm_dllm_spec.simsd.attention import cache_slots
 
 
 class PagedDraftModel:
@@ -34,13 +35,6 @@ class PagedDraftModel:
         dtype = next(model.parameters()).dtype
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-
-    def slots(self, block_table_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return block_table_row[positions // self.cbs].long() * self.cbs + positions % self.cbs
-
-    def _batch_slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """block_tables [R, max_blocks], positions [R, P] -> cache slots [R, P]."""
-        return block_tables.gather(1, positions // self.cbs) * self.cbs + positions % self.cbs
 
     @torch.no_grad()
     def forward(self, tokens: list[torch.Tensor], first_pos: list[int], ctx_len: list[int],
@@ -62,13 +56,13 @@ class PagedDraftModel:
         qvalid = torch.arange(T)[None, :] < n[:, None]  # [R, T]
         ctx_pos = torch.arange(C).expand(R, C)  # [R, C]
         cvalid = ctx_pos < torch.tensor(ctx_len)[:, None]
-        ctx_slots = self._batch_slots(tables, ctx_pos)  # [R, C] (invalid ones masked below)
+        ctx_slots = cache_slots(tables, ctx_pos, self.cbs)  # [R, C] (invalid ones masked below)
         blocks = pos // B  # [R, T]
         qmask = (blocks[:, None, :] <= blocks[:, :, None]) & qvalid[:, None, :]  # [R, T, T]
         qmask |= torch.eye(T, dtype=torch.bool)[None]  # padded rows see themselves (no NaN)
         mask = torch.cat([cvalid[:, None, :].expand(R, T, C), qmask], dim=2)[:, None]  # [R, 1, T, C + T]
         srow, scol = (torch.arange(T)[None, :] < torch.tensor(num_store)[:, None]).nonzero(as_tuple=True)
-        sslot = self._batch_slots(tables[srow], pos[srow, scol][:, None]).squeeze(1)  # [S]
+        sslot = cache_slots(tables[srow], pos[srow, scol][:, None], self.cbs).squeeze(1)  # [S]
 
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = self.model.model.embed_tokens(ids)  # [R, T, hidden]

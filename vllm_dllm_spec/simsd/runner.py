@@ -162,7 +162,7 @@ class SimSDModelRunner(DLLMModelRunner):
         if not self._rounds:
             return out
         qsl = self.query_start_loc.cpu
-        idx, pos, kinds, steps, blocks, prefix_slots, prefix_len = [], [], [], [], [], [], []
+        idx, pos, kinds, steps, blocks = [], [], [], [], []
         Q = None
         for rid, info in self._rounds.items():
             st = self.simsd_states[rid]
@@ -179,18 +179,14 @@ class SimSDModelRunner(DLLMModelRunner):
             kinds.append(torch.tensor([ops.KIND_DATA] * B + [ops.KIND_MASK] * B).repeat(K))
             steps.append(info.job.labels.view(K, B).repeat(1, 2).flatten())
             blocks.append(torch.arange(K).repeat_interleave(2 * B))
-            prefix_slots.append(self.draft.slots(info.job.block_table, torch.arange(info.block_start)))
-            prefix_len.append(info.block_start)
         R = len(idx)
         region_index = torch.stack(idx)  # [R, Q]
         self.positions[region_index.flatten()] = torch.cat(pos).to(self.positions.dtype)
         mask = ops.ref_token_mask(torch.arange(R + 1) * Q, torch.cat(kinds), torch.cat(steps),
                                   torch.cat(blocks), Q).view(R, Q, Q)
-        L = max(1, max(prefix_len))
-        slots = torch.zeros(R, L, dtype=torch.long)
-        for r, s in enumerate(prefix_slots):
-            slots[r, : s.numel()] = s
-        valid = torch.arange(L)[None, :] < torch.tensor(prefix_len)[:, None]
+        slots, valid = simsd_attention.prefix_layout(
+            torch.stack([info.job.block_table for info in self._rounds.values()]),
+            torch.tensor([info.block_start for info in self._rounds.values()]), self.draft.cbs)
         simsd_attention.CURRENT = simsd_attention.VerifyLayout(region_index, slots, valid, mask)
         return out
 

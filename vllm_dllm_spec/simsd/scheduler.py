@@ -4,7 +4,7 @@
   known tokens of the in-progress block (`runner.region_length`); the runner fills them with the
   draft's tokens before the forward. The runner's proposer output gives the next round's
   placeholders; a request whose prompt completes in this step gets them appended by the
-  inherited `schedule` (`first_spec_slots` = the region).
+  inherited `schedule` (`first_spec_slots` = the plan's num_speculative_tokens = the region).
 - After the step (inherited): num_computed_tokens = start of the round's in-progress block, so
   the next step re-feeds every block finished since as the target's fused KV commit.
   Accepted tokens are final output at once (streaming), partial blocks included; they are
@@ -19,7 +19,6 @@ from collections import Counter
 
 from vllm.logger import init_logger
 
-from vllm_dllm_spec.config import DLLMSpecConfig
 from vllm_dllm_spec.scheduler import BlockDiffusionScheduler
 
 logger = init_logger(__name__)
@@ -28,12 +27,6 @@ logger = init_logger(__name__)
 class SimSDScheduler(BlockDiffusionScheduler):
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
-        options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
-        self.simsd_params = DLLMSpecConfig.from_dict(options).simsd_params(self.block_length)
-        self.region = 2 * self.simsd_params.num_draft_blocks * self.block_length
-        # a finishing prompt gets the first round's verify region as drafts (inherited schedule)
-        self.first_spec_slots = self.region
-        self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.region)
         self.simsd_records: dict[str, dict] = {}
         self.total_target_forwards = 0
         self.total_draft_forwards = 0
