@@ -6,9 +6,12 @@ from transformers import AutoConfig, Qwen3Config
 
 
 class SDARConfig(Qwen3Config):
+    """block_size / mask_token_id stay None when config.json lacks them (published SDAR
+    checkpoints may): the config hook then resolves them (vllm_dllm_spec.checkpoint)."""
+
     model_type = "sdar"
 
-    def __init__(self, block_size: int = 4, mask_token_id: int | None = None, **kwargs):
+    def __init__(self, block_size: int | None = None, mask_token_id: int | None = None, **kwargs):
         self.block_size = block_size
         self.mask_token_id = mask_token_id
         super().__init__(**kwargs)

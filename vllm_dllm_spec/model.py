@@ -115,7 +115,8 @@ class SDARForCausalLM(Qwen3ForCausalLM):
         config = vllm_config.model_config.hf_config
         for attr in ("block_size", "mask_token_id"):
             if getattr(config, attr, None) is None:
-                raise ValueError(f"SDAR config.json must set {attr!r}")
+                # the config hook resolves both (vllm_hooks.resolve_checkpoint_fields)
+                raise ValueError(f"SDAR hf_config has no {attr!r}: was the dllm_spec config hook skipped?")
         self.config = config
         self.vllm_config = vllm_config
         self.quant_config = vllm_config.quant_config

@@ -124,8 +124,6 @@ def make_random_sdar_checkpoint(
 ) -> str:
     """Writes a tiny random SDAR checkpoint; returns its path. Weights are drawn with a large
     std so logits are peaked (greedy argmax ties are then practically impossible)."""
-    from vllm_dllm_spec.reference.model import SDARArchConfig, SDARModel
-
     out = Path(out_dir)
     tok = build_tokenizer(out)
     cfg = sdar_config_dict(
@@ -136,6 +134,15 @@ def make_random_sdar_checkpoint(
         tie_word_embeddings=tie_word_embeddings,
         **arch,
     )
+    write_checkpoint(out, cfg, random_state_dict(cfg, seed=seed, weight_std=weight_std))
+    return str(out)
+
+
+def random_state_dict(cfg: dict, *, seed: int = 0, weight_std: float = 0.2) -> dict[str, torch.Tensor]:
+    """Random weights for an SDAR config dict, named exactly as Qwen3's (the reference model's
+    parameter names). Norm weights are near 1, the rest has a large std (peaked logits)."""
+    from vllm_dllm_spec.reference.model import SDARArchConfig, SDARModel
+
     gen = torch.Generator().manual_seed(seed)
     model = SDARModel(SDARArchConfig.from_dict(cfg))
     state = {}
@@ -144,8 +151,7 @@ def make_random_sdar_checkpoint(
             state[name] = 1.0 + 0.1 * torch.randn(tensor.shape, generator=gen)
         else:
             state[name] = weight_std * torch.randn(tensor.shape, generator=gen)
-    write_checkpoint(out, cfg, state)
-    return str(out)
+    return state
 
 
 def shutdown_llm(llm) -> None:
@@ -228,3 +234,7 @@ class VLLMServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.proc = None
+
+
+# Replicas of the published SDAR checkpoints (docs/CHECKPOINTS.md) live in their own module.
+from vllm_dllm_spec.replicas import make_sdar_replica  # noqa: E402,F401

@@ -6,7 +6,10 @@ What `install()` does (called by the plugin's `register()` in every vLLM process
 - `ModelRegistry.register_model("SDARForCausalLM", ...)` (lazy, by name).
 - `MODELS_CONFIG_MAP["SDARForCausalLM"] = SDARConfigHook`: vLLM calls the hook from
   `VllmConfig.__post_init__`; it reads `additional_config["dllm_spec"]` (defaults when absent),
-  validates it against the model, and sets the scheduler, worker and speculative config.
+  resolves the checkpoint's block size and mask token id where config.json lacks them
+  (`checkpoint.py` rules; the tokenizer through vLLM's `cached_get_tokenizer`) and writes them
+  onto `hf_config`, validates the option against the model, and sets the scheduler, worker
+  and speculative config.
 - Wraps `InputProcessor._validate_prompt_len` (the front end's prompt-length check, offline and
   server alike): an SDAR engine also refuses a prompt that leaves no room for one step of its
   method (`methods.max_total_tokens`, stored by the hook under `ROOM_KEY`), with a clear
@@ -34,7 +37,8 @@ def _check_version() -> str:
         raise RuntimeError(
             f"vllm_dllm_spec supports vLLM {SUPPORTED_VLLM}, found {version}: the "
             "internals it patches (MODELS_CONFIG_MAP, _CONFIG_REGISTRY, "
-            "InputProcessor._validate_prompt_len) may have moved"
+            "InputProcessor._validate_prompt_len, tokenizers.registry.cached_get_tokenizer) "
+            "may have moved"
         )
     return version
 
@@ -50,9 +54,6 @@ def configure(vllm_config) -> None:
 
     model_config = vllm_config.model_config
     hf = model_config.hf_config
-    model_block = int(getattr(hf, "block_size", 0) or 0)
-    if model_block < 1 or getattr(hf, "mask_token_id", None) is None:
-        raise ValueError("SDAR config.json must set block_size (>= 1) and mask_token_id")
     additional = vllm_config.additional_config
     if additional is None:
         additional = {}
@@ -62,6 +63,7 @@ def configure(vllm_config) -> None:
     if not isinstance(options, dict):
         raise ValueError(f"additional_config['dllm_spec'] must be a dict, got {options!r}")
     cfg = DLLMSpecConfig.from_dict(options)
+    model_block = resolve_checkpoint_fields(model_config, cfg.block_length)
     params = cfg.denoise_params(model_block)
     if params.block_length != model_block:
         raise ValueError(
@@ -136,6 +138,48 @@ def configure(vllm_config) -> None:
     procs = list(model_config.logits_processors or [])
     if VALIDATOR_CLS not in procs:
         model_config.logits_processors = procs + [VALIDATOR_CLS]
+
+
+def resolve_checkpoint_fields(model_config, block_length_knob: int | None) -> int:
+    """Resolves the SDAR block size and mask token id of a checkpoint that may not carry them
+    (published SDAR configs need not: docs/CHECKPOINTS.md) and writes them onto `hf_config`, so
+    every process and component (scheduler, runner, attention, proposer) reads the same values
+    from the config it is given. Returns the block size. Idempotent: a second call finds both
+    fields set and logs nothing."""
+    from vllm_dllm_spec.checkpoint import resolve_block_size, resolve_mask_token_id
+
+    hf = model_config.hf_config
+    block = resolve_block_size(getattr(hf, "block_size", None), block_length_knob)
+    if block.source == "default":
+        logger.info("dllm_spec: config.json has no block_size and no dllm_spec.block_length was "
+                    "given: using SDAR's default block size %d", block.value)
+    mask_id = getattr(hf, "mask_token_id", None)
+    tokenizer = None if mask_id is not None else _checkpoint_tokenizer(model_config)
+    mask = resolve_mask_token_id(mask_id, tokenizer, int(hf.vocab_size))
+    if mask.source != "config.json mask_token_id":
+        logger.info("dllm_spec: mask token id %d from the %s", mask.value, mask.source)
+    hf.block_size, hf.mask_token_id = block.value, mask.value
+    return block.value
+
+
+def _checkpoint_tokenizer(model_config):
+    """The engine's tokenizer (vLLM's cached instance, so the front end does not load it twice),
+    or None when it cannot be loaded; loaded even with skip_tokenizer_init, since it is the
+    only other place a checkpoint keeps its mask token."""
+    from vllm.tokenizers.registry import cached_get_tokenizer
+
+    try:
+        return cached_get_tokenizer(
+            model_config.tokenizer,
+            runner_type=model_config.runner_type,
+            tokenizer_mode=model_config.tokenizer_mode,
+            revision=model_config.tokenizer_revision,
+            trust_remote_code=model_config.trust_remote_code,
+        )
+    except Exception as err:  # the caller's error names both places; say why this one failed
+        logger.warning("dllm_spec: could not load the tokenizer of %s to find its mask token: %s",
+                       model_config.tokenizer, err)
+        return None
 
 
 def _refuse_prompts_without_room() -> None:

@@ -27,6 +27,9 @@ def plan_simsd(cfg, model_block: int, hf_config) -> MethodPlan:
         if not (path / "config.json").is_file():
             raise ValueError(f"dllm_spec.draft_model must be a local SDAR directory with a config.json, got {draft!r}")
         dcfg = json.loads((path / "config.json").read_text())
+        # a draft config without mask_token_id (as published SDAR configs may be) uses the
+        # target's resolved one; the runner feeds the target's mask id to both models anyway
+        dcfg.setdefault("mask_token_id", hf_config.mask_token_id)
         for key in ("vocab_size", "mask_token_id"):
             if dcfg.get(key) != getattr(hf_config, key, None):
                 raise ValueError(
