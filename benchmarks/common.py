@@ -23,8 +23,9 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(doc: str, presets: dict, argv=None, draft: bool = False) -> argparse.Namespace:
-    """--preset / --model / --out (and --draft), shared by every benchmark."""
+def parse_args(doc: str, presets: dict, argv=None, draft: bool = False,
+               extra: list[tuple[str, dict]] = ()) -> argparse.Namespace:
+    """--preset / --model / --out (and --draft, and a benchmark's own `extra` flags)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=presets, default="default")
     parser.add_argument("--model", default=None, help="SDAR HF directory (default: the bundled target)")
@@ -33,6 +34,8 @@ def parse_args(doc: str, presets: dict, argv=None, draft: bool = False) -> argpa
         parser.add_argument("--draft", default=None,
                             help="draft SDAR directory for SimSD (default: the bundled draft with the "
                                  "bundled target; none with --model)")
+    for flag, kwargs in extra:
+        parser.add_argument(flag, **kwargs)
     return parser.parse_args(argv)
 
 

@@ -65,20 +65,26 @@ def heldout_docs() -> list[tuple[str, str]]:
     ]
 
 
-def heldout_prompts(tok, num: int, prompt_tokens: int = PROMPT_TOKENS) -> list[tuple[str, list[int]]]:
-    """[(relpath, prompt ids)]: the middle `def` line of each held-out file and what follows."""
+def def_windows(tok, num: int, min_tokens: int, max_tokens: int | None = None) -> list[tuple[str, list[int]]]:
+    """[(relpath, ids)]: the tokens from the middle `def` line of each held-out file on (at most
+    max_tokens of them), for the first `num` files that have at least min_tokens there."""
     out = []
     for rel, text in heldout_docs():
         starts = [m.start() for m in _DEF_LINE.finditer(text)]
         if not starts:
             continue
         ids = tok.backend_tokenizer.encode(text[starts[len(starts) // 2]:], add_special_tokens=False).ids
-        if len(ids) < prompt_tokens + 8:
+        if len(ids) < min_tokens:
             continue
-        out.append((rel, ids[:prompt_tokens]))
+        out.append((rel, ids[: max_tokens or min_tokens]))
         if len(out) == num:
             break
     return out
+
+
+def heldout_prompts(tok, num: int, prompt_tokens: int = PROMPT_TOKENS) -> list[tuple[str, list[int]]]:
+    """[(relpath, prompt ids)]: the middle `def` line of each held-out file and what follows."""
+    return def_windows(tok, num, prompt_tokens + 8, prompt_tokens)
 
 
 @torch.no_grad()

@@ -1,0 +1,268 @@
+"""Certainty-forcing self-distillation of the bundled tiny SDAR checkpoints (issue 12): the stage
+`train_tiny` runs after pre-training, so that the target decodes several tokens per forward and
+the draft predicts what the target will say.
+
+    python -m vllm_dllm_spec.tools.distill_tiny --base DIR --out DIR   # DIR/sdar-tiny-{target,draft}
+
+Why: a model pre-trained on real code is rarely confident about two masked positions of a block
+at once (docs/MODELS.md), so `low_confidence_dynamic` unmasks ~1 token per forward. Its own greedy
+continuations, however, are a deterministic function of the prefix; fine-tuned on them with the
+block-diffusion loss plus an entropy penalty at the masked positions it already predicts right
+(certainty forcing, as in dParallel), the model becomes confident about several positions at once
+while writing the same kind of text.
+
+Stages (each deterministic: fixed seeds, fixed data, one thread per process):
+1. prompts: PROMPT_TOKENS-token windows starting at line starts of the TRAINING files (half at
+   `def` lines like the held-out evaluation prompts, half at any non-blank line), seeded choice;
+2. the base target continues every prompt by CONT_TOKENS tokens with its own greedy
+   one-token-per-step block decoding (`low_confidence_static`, steps = block length; with a
+   threshold policy the output is the same, docs/MODELS.md);
+3. the target is fine-tuned on [prompt | continuation]: block-diffusion cross-entropy at masked
+   continuation positions + ENTROPY_WEIGHT x the mean entropy at masked continuation positions
+   whose argmax is already the data token;
+4. the distilled target continues a second prompt set, and the draft is fine-tuned the same way on
+   those continuations (it learns what the target says).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vllm_dllm_spec.reference.generate import block_causal_mask
+from vllm_dllm_spec.reference.model import KVCache, SDARModel, rope_cos_sin
+from vllm_dllm_spec.testing import write_checkpoint
+from vllm_dllm_spec.tools import train_tiny
+
+PROMPT_TOKENS = 48  # a multiple of the block size: every continuation starts a fresh block
+CONT_TOKENS = 64
+DECODE_BATCH = 256
+_DEF_LINE = re.compile(r"^[ \t]*(async )?def ", re.M)
+_ANY_LINE = re.compile(r"^[ \t]*\S", re.M)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    num_prompts: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    entropy_weight: float
+    seed: int
+
+    def __post_init__(self):
+        for name in ("num_prompts", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.entropy_weight >= 0 and 0 <= self.warmup < self.steps):
+            raise ValueError(f"need lr > 0, entropy_weight >= 0, 0 <= warmup < steps: {self}")
+
+
+DISTILL = {
+    "target": DistillConfig(num_prompts=2048, steps=1000, batch_size=8, lr=5e-4, warmup=50,
+                            entropy_weight=3.0, seed=2024),
+    "draft": DistillConfig(num_prompts=2048, steps=1500, batch_size=8, lr=1e-3, warmup=50,
+                           entropy_weight=1.0, seed=2025),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def line_start_prompts(tok, docs: list[tuple[str, str]], num: int, seed: int,
+                       prompt_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
+    """[num, prompt_tokens]: token windows from seeded line starts of `docs`, half at `def`
+    lines, half at any non-blank line."""
+    gen = torch.Generator().manual_seed(seed)
+    candidates = {"def": [], "line": []}
+    for doc_idx, (_, text) in enumerate(docs):
+        candidates["def"] += [(doc_idx, m.start()) for m in _DEF_LINE.finditer(text)]
+        candidates["line"] += [(doc_idx, m.start()) for m in _ANY_LINE.finditer(text)]
+    chosen = []
+    for kind, share in (("def", num // 2), ("line", num - num // 2)):
+        pool = candidates[kind]
+        order = torch.randperm(len(pool), generator=gen).tolist()
+        picked = []
+        for i in order:  # windows shorter than the prompt (end of a file) are skipped
+            doc_idx, start = pool[i]
+            text = docs[doc_idx][1][start: start + 16 * prompt_tokens]
+            ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+            if len(ids) >= prompt_tokens:
+                picked.append(ids[:prompt_tokens])
+            if len(picked) == share:
+                break
+        chosen += picked
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+@torch.no_grad()
+def greedy_continue(model: SDARModel, prompts: torch.Tensor, gen_length: int, *, batch: int = DECODE_BATCH,
+                    progress: str | None = None) -> torch.Tensor:
+    """Batched greedy block decoding, one token per step (the most confident masked position;
+    ties -> lower position; the mask token is never predicted). prompts [N, P] with P a multiple
+    of the block size -> continuations [N, gen_length]. Same decisions as
+    `reference.generate(..., remasking_strategy="low_confidence_static")` up to float noise of
+    the batched arithmetic."""
+    cfg = model.config
+    B, mask_id = cfg.block_size, cfg.mask_token_id
+    n, p = prompts.shape
+    if p % B or gen_length % B:
+        raise ValueError(f"prompt length {p} and gen_length {gen_length} must be multiples of block {B}")
+    outs = []
+    chunks = prompts.split(batch)
+    for chunk in tqdm(chunks, desc=progress, unit="batch", disable=progress is None):
+        b = chunk.shape[0]
+        rows = torch.arange(b)
+        cache = KVCache(cfg.num_hidden_layers)
+        pos = torch.arange(p)
+        model(chunk, pos.expand(b, -1), block_causal_mask(0, p, B)[None].expand(b, -1, -1), cache, p)
+        blocks = []
+        for start in range(p, p + gen_length, B):
+            block = torch.full((b, B), mask_id)
+            block_pos = torch.arange(start, start + B).expand(b, -1)
+            see_all = torch.ones(b, B, start + B, dtype=torch.bool)  # prefix + own block
+            for _ in range(B):
+                logits = model(block, block_pos, see_all, cache, 0)  # [b, B, V]
+                logits[..., mask_id] = float("-inf")
+                confidence, token = logits.softmax(-1).max(-1)  # [b, B]
+                confidence = confidence.masked_fill(block != mask_id, -1.0)
+                pick = confidence.argmax(-1)  # [b]: first index among equal maxima
+                block[rows, pick] = token[rows, pick]
+            model(block, block_pos, see_all, cache, B)  # commit the finished block's KV
+            blocks.append(block)
+        outs.append(torch.cat(blocks, 1))
+    return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+class DistillObjective:
+    """Block-diffusion loss on [prompt | continuation] sequences, counted on continuation blocks
+    only, plus certainty forcing: entropy_weight x mean entropy at the masked continuation
+    positions whose argmax already equals the data token."""
+
+    def __init__(self, model: SDARModel, prompt_len: int, seq_len: int, entropy_weight: float,
+                 autocast: bool = True):
+        cfg = model.config
+        self.autocast = autocast
+        self.seq_len, self.block, self.mask_id = seq_len, cfg.block_size, cfg.mask_token_id
+        self.entropy_weight = entropy_weight
+        self.attn_mask = train_tiny.bd_attention_mask(seq_len, self.block)
+        self.in_continuation = torch.arange(seq_len) >= prompt_len  # [T]
+        pos = torch.arange(seq_len).repeat(2)[None]
+        self.cos, self.sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+
+    def loss(self, model: SDARModel, x: torch.Tensor, gen: torch.Generator):
+        noisy, masked = train_tiny.mask_blocks(x, self.block, self.mask_id, gen)
+        counted = masked & self.in_continuation  # [b, T]
+        with torch.autocast("cpu", dtype=train_tiny.TRAIN_AUTOCAST_DTYPE, enabled=self.autocast):
+            hidden = train_tiny.fast_hidden(model, torch.cat([x, noisy], 1), self.cos, self.sin, self.attn_mask)
+            logits = model.lm_head(hidden[:, self.seq_len:][counted]).float()  # [n, V]
+        target = x[counted]
+        ce = F.cross_entropy(logits, target)
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # [n]
+        correct = logits.argmax(-1) == target
+        certainty = (entropy * correct).sum() / max(1, int(correct.numel()))
+        return ce + self.entropy_weight * certainty, ce.detach(), correct.float().mean()
+
+
+def finetune(model: SDARModel, data: torch.Tensor, prompt_len: int, cfg: DistillConfig, name: str,
+             log=print) -> dict:
+    """AdamW fine-tuning of `model` (in place) on data [N, T]; returns the training history."""
+    model.train()
+    objective = DistillObjective(model, prompt_len, data.shape[1], cfg.entropy_weight)
+    params = list(model.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    history = {"step": [], "loss": [], "ce": [], "acc": []}
+    run = torch.zeros(3)
+    start = time.perf_counter()
+    bar = tqdm(enumerate(train_tiny.batches(data.flatten(), data.shape[1], cfg.batch_size, cfg.steps, cfg.seed + 2)),
+               total=cfg.steps, desc=f"distill {name}", unit="step", mininterval=10)
+    for step, x in bar:
+        for group in opt.param_groups:
+            group["lr"] = train_tiny.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        loss, ce, acc = objective.loss(model, x, noise_gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run += torch.tensor([loss.item(), ce.item(), acc.item()])
+        if (step + 1) % 10 == 0:
+            history["step"].append(step + 1)
+            for key, value in zip(("loss", "ce", "acc"), (run / 10).tolist()):
+                history[key].append(round(value, 4))
+            run.zero_()
+            bar.set_postfix(loss=history["loss"][-1], ce=history["ce"][-1], acc=history["acc"][-1])
+    history["seconds"] = round(time.perf_counter() - start, 1)
+    last = {key: history[key][-1] if history[key] else float("nan") for key in ("loss", "ce", "acc")}
+    log(f"[{name}] distilled {cfg.steps} steps in {history['seconds']:.0f}s: loss {last['loss']:.3f} "
+        f"ce {last['ce']:.3f} acc {last['acc']:.3f}")
+    return history
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def distill_pair(base: Path, out: Path, tok, train_docs, log=print) -> dict:
+    """base/sdar-tiny-{target,draft} -> out/sdar-tiny-{target,draft}, distilled. Returns facts."""
+    torch.set_num_threads(1)
+    facts = {}
+    target = SDARModel.from_pretrained(base / "sdar-tiny-target")
+    draft = SDARModel.from_pretrained(base / "sdar-tiny-draft")
+    for name, student, teacher in (("target", target, target), ("draft", draft, target)):
+        cfg = DISTILL[name]
+        t0 = time.perf_counter()
+        prompts = line_start_prompts(tok, train_docs, cfg.num_prompts, cfg.seed)
+        teacher.eval()
+        continuations = greedy_continue(teacher, prompts, CONT_TOKENS, progress=f"continue ({name} data)")
+        gen_seconds = time.perf_counter() - t0
+        history = finetune(student, torch.cat([prompts, continuations], 1), PROMPT_TOKENS, cfg, name, log)
+        student.eval()
+        facts[name] = {"config": asdict(cfg), "prompt_tokens": PROMPT_TOKENS, "continuation_tokens": CONT_TOKENS,
+                       "teacher": "base target" if name == "target" else "distilled target",
+                       "generate_seconds": round(gen_seconds, 1), "history": history}
+        log(f"[{name}] {len(prompts)} continuations in {gen_seconds:.0f}s")
+    for name, model in (("target", target), ("draft", draft)):
+        dst = out / f"sdar-tiny-{name}"
+        if dst.resolve() != (base / f"sdar-tiny-{name}").resolve():
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(base / f"sdar-tiny-{name}", dst)
+        write_checkpoint(dst, json.loads((dst / "config.json").read_text()), train_tiny.bf16_state(model))
+        log_path = dst / "training_log.json"
+        train_log = json.loads(log_path.read_text())
+        train_log["distill"] = facts[name]
+        log_path.write_text(json.dumps(train_log, indent=1) + "\n")
+    return facts
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True, help="parent dir of the pre-trained sdar-tiny-*")
+    ap.add_argument("--out", type=Path, required=True, help="parent dir for the distilled sdar-tiny-*")
+    args = ap.parse_args(argv)
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(args.base / "sdar-tiny-target"))
+    train_docs, _ = train_tiny.load_corpus()
+    distill_pair(args.base, args.out, tok, train_docs)
+
+
+if __name__ == "__main__":
+    main()
