@@ -355,3 +355,31 @@ def test_eos_list_id_stops_a_request_like_the_oracle(eos_replica):
     assert got[0] == (want.tokens, want.num_forwards)
     want = oracle(path, EOS_PROMPT, 24, eos_ids + [full[other]], 4, mask, **knobs)
     assert got[1] == (want.tokens, want.num_forwards) and len(want.tokens) == other + 1
+
+
+# -- `vllm serve` on a replica (multiprocess engine: the resolved fields reach the engine core) --
+
+@pytest.mark.slow
+def test_serve_replica_without_diffusion_fields(replicas, tmp_path):
+    """`vllm serve <replica> --trust-remote-code`, no dllm_spec option: the config hook resolves
+    block 4 and the tokenizer's mask in the API server process, and the engine-core process
+    serves with them: completions equal the oracle, the log names the default block size."""
+    openai = pytest.importorskip("openai")
+    from transformers import AutoTokenizer
+
+    from vllm_dllm_spec.testing import VLLMServer
+
+    path = replicas["1.7B"]
+    tok = AutoTokenizer.from_pretrained(path)
+    eos_ids = _read(path, "generation_config.json")["eos_token_id"]
+    with VLLMServer(path, tmp_path / "serve.log", extra_args=("--trust-remote-code",)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120)
+        for prompt, n in [("def block_diffusion(model", 14), ("The quick brown fox", 7)]:
+            resp = client.completions.create(model="sdar", prompt=prompt, max_tokens=n, temperature=0,
+                                             extra_body={"return_token_ids": True})
+            choice = resp.choices[0]
+            want = oracle(path, choice.prompt_token_ids, n, eos_ids, 4, tok.convert_tokens_to_ids(MASK_TOKEN))
+            assert choice.token_ids == want.tokens
+            assert resp.kv_transfer_params["dllm_spec"]["num_forwards"] == want.num_forwards
+        log = srv.log(200_000)
+    assert log.count("using SDAR's default block size 4") == 1, log[-3000:]
