@@ -34,6 +34,7 @@ from vllm_dllm_spec.replicas import (  # noqa: E402
 from vllm_helpers import prompts_for, request_configs  # noqa: E402
 
 HOOK_LOGGER = "vllm.vllm_dllm_spec.vllm_hooks"
+NO_MASK = "config.json has no mask_token_id and the tokenizer has no mask token"
 # config.json keys of the published SDAR-1.7B-Chat (docs/CHECKPOINTS.md), diffusion fields aside
 PUBLISHED_KEYS = {
     "architectures", "auto_map", "attention_bias", "attention_dropout", "attn_implementation",
@@ -77,7 +78,8 @@ def test_mask_id_from_config_else_tokenizer():
     assert resolve_mask_token_id(5, tok, 10).value == 5  # config wins
     assert resolve_mask_token_id(None, tok, 10).value == 7
     assert resolve_mask_token_id(None, _Tokenizer({"<|MASK|>": 8}), 10).value == 8  # added, not declared
-    assert resolve_mask_token_id(None, _Tokenizer({"<|mdm_mask|>": 9, "<x>": 1}), 10).value == 9  # named like a mask
+    named_like_a_mask = _Tokenizer({"<|mdm_mask|>": 9, "<x>": 1})
+    assert resolve_mask_token_id(None, named_like_a_mask, 10).value == 9
     with pytest.raises(ValueError, match="several mask-like tokens"):
         tokenizer_mask_token_id(_Tokenizer({"<mask>": 1, "[MASK]": 2}))
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
@@ -88,7 +90,7 @@ def test_mask_id_from_config_else_tokenizer():
 
 @pytest.mark.parametrize("tokenizer", [None, _Tokenizer({"<|endoftext|>": 3})])
 def test_no_mask_anywhere_names_both_places(tokenizer):
-    with pytest.raises(ValueError, match="config.json has no mask_token_id and the tokenizer has no mask token"):
+    with pytest.raises(ValueError, match=NO_MASK):
         resolve_mask_token_id(None, tokenizer, 10)
 
 
@@ -137,7 +139,8 @@ def test_replica_files_have_the_published_layout(replicas):
     assert set(plain) == PUBLISHED_KEYS and set(fields) == PUBLISHED_KEYS | {"block_size", "mask_token_id"}
     assert plain["auto_map"]["AutoConfig"] == "configuration_sdar.SDARConfig"
     assert plain["auto_map"]["AutoModelForCausalLM"] == "modeling_sdar.SDARForCausalLM"
-    assert (plain["torch_dtype"], plain["model_type"], plain["architectures"]) == ("bfloat16", "sdar", ["SDARForCausalLM"])
+    assert (plain["torch_dtype"], plain["model_type"]) == ("bfloat16", "sdar")
+    assert plain["architectures"] == ["SDARForCausalLM"]
     assert (plain["tie_word_embeddings"], fields["tie_word_embeddings"]) == (False, True)
     tok = AutoTokenizer.from_pretrained(replicas["1.7B"])
     assert type(tok).__name__ == "Qwen2Tokenizer" and tok.mask_token == MASK_TOKEN and tok.eos_token == IM_END
@@ -162,7 +165,8 @@ def test_replica_weights_are_named_like_qwen3(replicas, name):
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             stored.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in cfg.items() if k not in ("auto_map", "model_type")}))
+    qwen3_fields = {k: v for k, v in cfg.items() if k not in ("auto_map", "model_type")}
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(**qwen3_fields))
     expected = set(qwen3.state_dict()) - ({"lm_head.weight"} if cfg["tie_word_embeddings"] else set())
     assert set(stored) == expected
     assert set(stored.values()) == {"BF16"}
@@ -240,7 +244,7 @@ def test_config_block_size_wins_and_a_contradicting_knob_is_refused(replicas):
 
 @pytest.mark.parametrize("trust", [False, True])
 def test_no_mask_token_anywhere_is_a_startup_error(replicas, trust):
-    with pytest.raises(Exception, match="config.json has no mask_token_id and the tokenizer has no mask token"):
+    with pytest.raises(Exception, match=NO_MASK):
         engine_config(replicas["no-mask"], trust_remote_code=trust)
 
 
@@ -254,6 +258,7 @@ def test_no_mask_token_anywhere_stops_llm_startup(replicas):
 # -- engines on replicas, against the oracle ---------------------------------------------------
 
 MAX_TOKENS = [23, 9, 30, 8, 17, 5, 25, 12]
+EOS_PROMPT = [17, 42, 99, 5, 250, 31]
 _ORACLES: dict = {}
 
 
@@ -314,22 +319,24 @@ def test_replica_generates_like_the_oracle(engine):
 
 @pytest.fixture(scope="module")
 def eos_replica(tmp_path_factory):
-    """A replica whose eos list also holds a token its greedy answer to PROMPT says mid-block
-    (the random weights never say the chat end tokens): [<|im_end|>, <|endoftext|>, X]."""
+    """A replica whose eos list also holds X, a token its greedy answer to EOS_PROMPT says in
+    the middle of a block (the random weights never say the chat end tokens):
+    [<|im_end|>, <|endoftext|>, X]. Returns the path, the uncut answer and X's index."""
     from transformers import AutoTokenizer
 
     path = make_sdar_replica(tmp_path_factory.mktemp("eos"), "SDAR-4B-Chat", mask="added", seed=7)
     tok = AutoTokenizer.from_pretrained(path)
-    ids = tok.convert_tokens_to_ids([IM_END, ENDOFTEXT])
+    im_end, endoftext = tok.convert_tokens_to_ids([IM_END, ENDOFTEXT])
     mask = tok.convert_tokens_to_ids(MASK_TOKEN)
-    full = oracle(path, EOS_PROMPT, 24, ids, 4, mask, remasking_strategy="sequential").tokens
-    stop_at = next(i for i in range(9, len(full)) if full[i] not in full[:i])  # inside the 3rd block
-    write_generation_config(path, ids + [full[stop_at]], bos_id=ids[1])
-    _ORACLES.pop(path, None)
+    full = oracle(path, EOS_PROMPT, 24, [im_end, endoftext], 4, mask, remasking_strategy="sequential").tokens
+    assert len(full) == 24
+
+    def mid_block(i: int) -> bool:  # not the last position of its SDAR block
+        return (len(EOS_PROMPT) + i + 1) % 4 != 0
+
+    stop_at = next(i for i in range(8, len(full)) if full[i] not in full[:i] and mid_block(i))
+    write_generation_config(path, [im_end, endoftext, full[stop_at]], bos_id=endoftext)
     return path, full, stop_at
-
-
-EOS_PROMPT = [17, 42, 99, 5, 250, 31]
 
 
 def test_eos_list_id_stops_a_request_like_the_oracle(eos_replica):
