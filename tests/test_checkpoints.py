@@ -1,8 +1,8 @@
 """Published SDAR checkpoints, as replicas (vllm_dllm_spec.replicas; docs/CHECKPOINTS.md): the
 resolution rules for block size, mask token and stop ids (unit tests), the replicas' layout,
 the config hook on them (with and without trust_remote_code), and real engines on them equal to
-the oracle, an eos-list id ending a request like the oracle, and the start-up error of a
-checkpoint with no mask token anywhere."""
+the oracle (block diffusion, PSD, SimSD; `LLM` and `vllm serve`), an eos-list id ending a request
+like the oracle, and the start-up error of a checkpoint with no mask token anywhere."""
 import json
 import logging
 import os
@@ -262,16 +262,21 @@ EOS_PROMPT = [17, 42, 99, 5, 250, 31]
 _ORACLES: dict = {}
 
 
+def shortest(runs):
+    """An oracle under an eos list: the oracles take one eos id, and with a list generation stops
+    at whichever id comes first, i.e. the shortest of the one-eos runs (they share the prefix
+    and stop with that block)."""
+    return min(runs, key=lambda r: len(r.tokens))
+
+
 def oracle(path: str, prompt: list[int], max_tokens: int, eos_ids: list[int], block: int, mask: int, **knobs):
-    """The oracle with generation_config's eos list: it stops at whichever id comes first, i.e.
-    the shortest of its one-eos runs (same prefix; forwards stop with that block)."""
+    """`reference.generate` (fused commit) under an eos list."""
     from vllm_dllm_spec.reference import SDARModel, generate
 
     if path not in _ORACLES:
         _ORACLES[path] = SDARModel.from_pretrained(path)
-    runs = [generate(_ORACLES[path], prompt, gen_length=max_tokens, block_length=block, mask_token_id=mask,
-                     eos_token_id=e, fuse_commit=True, **knobs) for e in eos_ids]
-    return min(runs, key=lambda r: len(r.tokens))
+    return shortest(generate(_ORACLES[path], prompt, gen_length=max_tokens, block_length=block,
+                             mask_token_id=mask, eos_token_id=e, fuse_commit=True, **knobs) for e in eos_ids)
 
 
 def make_llm(path: str, trust: bool):
@@ -315,6 +320,43 @@ def test_replica_generates_like_the_oracle(engine):
     for p, c, m, (tokens, forwards) in zip(prompts, configs, MAX_TOKENS, got):
         want = oracle(path, p, m, eos_ids, 4, hf.mask_token_id, **c)
         assert (tokens, forwards) == (want.tokens, want.num_forwards), (len(p), c)
+
+
+@pytest.mark.parametrize("method", ["psd", "simsd"])
+def test_speculative_methods_on_a_replica_without_diffusion_fields(replicas, method):
+    """PSD and SimSD (self-draft) read the block and mask the hook resolved: equal to their
+    oracles (tokens and target forwards) on the replica whose config.json has neither."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from vllm_dllm_spec.reference.psd import psd_generate
+    from vllm_dllm_spec.reference.simsd import simsd_generate
+    from vllm_dllm_spec.testing import shutdown_llm
+
+    path = replicas["1.7B"]
+    tok = AutoTokenizer.from_pretrained(path)
+    mask, endoftext = tok.convert_tokens_to_ids([MASK_TOKEN, ENDOFTEXT])
+    prompts, max_tokens = prompts_for(endoftext, seed=12)[:4], [23, 9, 30, 8]
+    llm = LLM(model=path, dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=8,
+              block_size=32, seed=0, additional_config={"dllm_spec": {"method": method}})
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens], use_tqdm=False)
+    finally:
+        shutdown_llm(llm)
+    oracle(path, prompts[0], 1, [endoftext], 4, mask)  # loads (or reuses) the oracle model
+    model = _ORACLES[path]
+    eos_ids = _read(path, "generation_config.json")["eos_token_id"]
+    for p, m, o in zip(prompts, max_tokens, outs):
+        record = o.kv_transfer_params["dllm_spec"]
+        if method == "psd":
+            want = shortest(psd_generate(model, p, gen_length=m, block_length=4, mask_token_id=mask, eos_token_id=e)
+                            for e in eos_ids)
+            assert (list(o.outputs[0].token_ids), record["num_forwards"]) == (want.tokens, want.num_forwards)
+        else:
+            want = shortest(simsd_generate(model, None, p, gen_length=m, block_length=4, mask_token_id=mask,
+                                           eos_token_id=e) for e in eos_ids)
+            assert (list(o.outputs[0].token_ids), record["target_forwards"]) == (want.tokens, want.target_forwards)
 
 
 @pytest.fixture(scope="module")
