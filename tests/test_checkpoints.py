@@ -228,6 +228,15 @@ def test_hook_resolves_a_config_without_diffusion_fields(replicas, hook_log, tru
     assert len(default_lines) == 1 and "4" in default_lines[0], hook_log
 
 
+def test_mask_is_found_with_skip_tokenizer_init(replicas):
+    """The tokenizer is the only other place the mask id lives: read even when vLLM skips it."""
+    from transformers import AutoTokenizer
+
+    cfg = engine_config(replicas["1.7B"], skip_tokenizer_init=True)
+    mask = AutoTokenizer.from_pretrained(replicas["1.7B"]).convert_tokens_to_ids(MASK_TOKEN)
+    assert cfg.model_config.hf_config.mask_token_id == mask
+
+
 def test_block_length_knob_gives_the_block_size(replicas, hook_log):
     cfg = engine_config(replicas["1.7B"], {"block_length": 8})
     assert cfg.model_config.hf_config.block_size == 8

@@ -156,7 +156,7 @@ def resolve_checkpoint_fields(model_config, block_length_knob: int | None) -> in
     mask_id = getattr(hf, "mask_token_id", None)
     tokenizer = None if mask_id is not None else _checkpoint_tokenizer(model_config)
     mask = resolve_mask_token_id(mask_id, tokenizer, int(hf.vocab_size))
-    if mask.source != "config.json mask_token_id":
+    if mask_id is None:
         logger.info("dllm_spec: mask token id %d from the %s", mask.value, mask.source)
     hf.block_size, hf.mask_token_id = block.value, mask.value
     return block.value
