@@ -3,6 +3,7 @@ the reference generator, its objective against a slow twin, and its determinism.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,31 @@ def _copy(model):
     m = SDARModel(model.config)
     m.load_state_dict(model.state_dict())
     return m
+
+
+@pytest.mark.slow
+def test_stage_writes_deterministic_checkpoints(tmp_path):
+    """The whole stage in miniature (two worker processes): both directories come out with the
+    distillation in their training log, byte-identical on a re-run."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    base = tmp_path / "base"
+    for name, seed in (("target", 1), ("draft", 2)):
+        path = make_random_sdar_checkpoint(base / f"sdar-tiny-{name}", seed=seed)
+        history = {"step": [10], "train_loss": [5.0], "eval_step": [10], "heldout_loss": [5.0]}
+        (Path(path) / "training_log.json").write_text(json.dumps({"history": history}))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(base / "sdar-tiny-target"))
+    docs = [("a.py", "def f(x):\n    return x + 1\n" * 60)]
+    configs = {n: dataclasses.replace(c, steps=3, warmup=1, batch_size=2) for n, c in distill_tiny.DISTILL.items()}
+    weights = []
+    for run in ("a", "b"):
+        distill_tiny.distill_pair(base, tmp_path / run, tok, docs, num_prompts=4, configs=configs, log=lambda s: None)
+        weights.append({n: (tmp_path / run / f"sdar-tiny-{n}" / "model.safetensors").read_bytes()
+                        for n in ("target", "draft")})
+        log = json.loads((tmp_path / run / "sdar-tiny-target" / "training_log.json").read_text())
+        assert log["distill"]["num_prompts"] == 4 and log["distill"]["config"]["steps"] == 3
+        assert (tmp_path / run / "sdar-tiny-draft" / "loss_curve.png").is_file()
+    assert weights[0] == weights[1]
+    assert weights[0]["target"] != (base / "sdar-tiny-target" / "model.safetensors").read_bytes()

@@ -11,17 +11,18 @@ block-diffusion loss plus an entropy penalty at the masked positions it already 
 (certainty forcing, as in dParallel), the model becomes confident about several positions at once
 while writing the same kind of text.
 
-Stages (each deterministic: fixed seeds, fixed data, one thread per process):
-1. prompts: PROMPT_TOKENS-token windows starting at line starts of the TRAINING files (half at
-   `def` lines like the held-out evaluation prompts, half at any non-blank line), seeded choice;
-2. the base target continues every prompt by CONT_TOKENS tokens with its own greedy
+Steps (deterministic: fixed seeds, fixed data, one thread per process, two processes):
+1. prompts: NUM_PROMPTS windows of PROMPT_TOKENS tokens starting at line starts of the TRAINING
+   files (half at `def` lines like the held-out evaluation prompts, half at any non-blank line);
+2. the pre-trained target continues every prompt by CONT_TOKENS tokens with its own greedy
    one-token-per-step block decoding (`low_confidence_static`, steps = block length; with a
    threshold policy the output is the same, docs/MODELS.md);
-3. the target is fine-tuned on [prompt | continuation]: block-diffusion cross-entropy at masked
-   continuation positions + ENTROPY_WEIGHT x the mean entropy at masked continuation positions
-   whose argmax is already the data token;
-4. the distilled target continues a second prompt set, and the draft is fine-tuned the same way on
-   those continuations (it learns what the target says).
+3. target and draft are fine-tuned at once on [prompt | continuation]: block-diffusion
+   cross-entropy at masked continuation positions + entropy_weight x the entropy at masked
+   continuation positions whose argmax is already the data token (summed, divided by the number
+   of masked positions). The draft thereby learns what the target says. (Distilling the draft
+   from the distilled target's own continuations instead was measured worse: those repeat more,
+   docs/MODELS.md.)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ _ANY_LINE = re.compile(r"^[ \t]*\S", re.M)
 
 @dataclass(frozen=True)
 class DistillConfig:
-    num_prompts: int
+    """Fine-tuning schedule of one model."""
+
     steps: int
     batch_size: int
     lr: float
@@ -61,18 +63,18 @@ class DistillConfig:
     seed: int
 
     def __post_init__(self):
-        for name in ("num_prompts", "steps", "batch_size"):
+        for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.entropy_weight >= 0 and 0 <= self.warmup < self.steps):
             raise ValueError(f"need lr > 0, entropy_weight >= 0, 0 <= warmup < steps: {self}")
 
 
+NUM_PROMPTS = 2048
+DATA_SEED = 2024
 DISTILL = {
-    "target": DistillConfig(num_prompts=2048, steps=1000, batch_size=8, lr=5e-4, warmup=50,
-                            entropy_weight=3.0, seed=2024),
-    "draft": DistillConfig(num_prompts=2048, steps=1500, batch_size=8, lr=1e-3, warmup=50,
-                           entropy_weight=1.0, seed=2025),
+    "target": DistillConfig(steps=1000, batch_size=8, lr=5e-4, warmup=50, entropy_weight=3.0, seed=2024),
+    "draft": DistillConfig(steps=1500, batch_size=8, lr=1e-3, warmup=50, entropy_weight=1.0, seed=2025),
 }
 
 
@@ -219,49 +221,110 @@ def finetune(model: SDARModel, data: torch.Tensor, prompt_len: int, cfg: Distill
 # ----------------------------------------------------------------------------- pipeline
 
 
-def distill_pair(base: Path, out: Path, tok, train_docs, log=print) -> dict:
-    """base/sdar-tiny-{target,draft} -> out/sdar-tiny-{target,draft}, distilled. Returns facts."""
+def plot_curves(train_log: dict, path: Path, title: str) -> None:
+    """Two panels: pre-training loss (train and held-out) and distillation loss (total and CE)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pre, dist = train_log["history"], train_log["distill"]["history"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
+    left.plot(pre["step"], pre["train_loss"], label="train (masked CE, mean of 10 steps)")
+    left.plot(pre["eval_step"], pre["heldout_loss"], "o-", label="held-out (masked CE)")
+    left.set_title("pre-training")
+    right.plot(dist["step"], dist["loss"], label="CE + certainty term")
+    right.plot(dist["step"], dist["ce"], label="CE (continuation blocks)")
+    right.set_title("self-distillation")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+
+def _continue_part(base: Path, prompts: torch.Tensor, part: int) -> torch.Tensor:
+    """Worker: the base target continues its share of the prompts (one thread)."""
     torch.set_num_threads(1)
-    facts = {}
-    target = SDARModel.from_pretrained(base / "sdar-tiny-target")
-    draft = SDARModel.from_pretrained(base / "sdar-tiny-draft")
-    for name, student, teacher in (("target", target, target), ("draft", draft, target)):
-        cfg = DISTILL[name]
-        t0 = time.perf_counter()
-        prompts = line_start_prompts(tok, train_docs, cfg.num_prompts, cfg.seed)
-        teacher.eval()
-        continuations = greedy_continue(teacher, prompts, CONT_TOKENS, progress=f"continue ({name} data)")
+    teacher = SDARModel.from_pretrained(base / "sdar-tiny-target")
+    return greedy_continue(teacher, prompts, CONT_TOKENS, progress=f"continue (part {part})")
+
+
+def _finetune_worker(base: Path, name: str, cfg: DistillConfig, data: torch.Tensor) -> tuple[dict, dict]:
+    """Worker: fine-tunes one base model on the data (one thread); returns (bf16 state, history)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    model = SDARModel.from_pretrained(base / f"sdar-tiny-{name}")
+    history = finetune(model, data, PROMPT_TOKENS, cfg, name)
+    return train_tiny.bf16_state(model.eval()), history
+
+
+def distill_pair(base: Path, out: Path, tok, train_docs, *, num_prompts: int = NUM_PROMPTS,
+                 configs: dict[str, DistillConfig] = DISTILL, log=print) -> dict:
+    """base/sdar-tiny-{target,draft} -> out/sdar-tiny-{target,draft}, distilled; returns facts.
+
+    One data set serves both models: the base target's greedy continuations (the draft learns
+    what the target says; the distilled target keeps saying it, more confidently). Two worker
+    processes, one thread each: the continuations in two halves, then the two fine-tunings."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    prompts = line_start_prompts(tok, train_docs, num_prompts, DATA_SEED)  # [N, P]
+    halves = prompts.tensor_split(2)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_continue_part, [base, base], halves, [0, 1]))
+        data = torch.cat([prompts, torch.cat(parts)], 1)  # [N, P + CONT_TOKENS]
         gen_seconds = time.perf_counter() - t0
-        history = finetune(student, torch.cat([prompts, continuations], 1), PROMPT_TOKENS, cfg, name, log)
-        student.eval()
-        facts[name] = {"config": asdict(cfg), "prompt_tokens": PROMPT_TOKENS, "continuation_tokens": CONT_TOKENS,
-                       "teacher": "base target" if name == "target" else "distilled target",
-                       "generate_seconds": round(gen_seconds, 1), "history": history}
-        log(f"[{name}] {len(prompts)} continuations in {gen_seconds:.0f}s")
-    for name, model in (("target", target), ("draft", draft)):
+        log(f"[distill] {len(prompts)} continuations by the base target in {gen_seconds:.0f}s")
+        names = ["target", "draft"]
+        results = dict(zip(names, pool.map(_finetune_worker, [base, base], names, [configs[n] for n in names],
+                                           [data, data])))
+    facts = {}
+    for name, (state, history) in results.items():
+        facts[name] = {"config": asdict(configs[name]), "num_prompts": len(prompts), "data_seed": DATA_SEED,
+                       "prompt_tokens": PROMPT_TOKENS, "continuation_tokens": CONT_TOKENS,
+                       "teacher": "pre-trained target", "generate_seconds": round(gen_seconds, 1),
+                       "history": history}
         dst = out / f"sdar-tiny-{name}"
         if dst.resolve() != (base / f"sdar-tiny-{name}").resolve():
-            if dst.exists():
-                shutil.rmtree(dst)
+            shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(base / f"sdar-tiny-{name}", dst)
-        write_checkpoint(dst, json.loads((dst / "config.json").read_text()), train_tiny.bf16_state(model))
-        log_path = dst / "training_log.json"
-        train_log = json.loads(log_path.read_text())
+        write_checkpoint(dst, json.loads((dst / "config.json").read_text()), state)
+        train_log = json.loads((dst / "training_log.json").read_text())
         train_log["distill"] = facts[name]
-        log_path.write_text(json.dumps(train_log, indent=1) + "\n")
+        (dst / "training_log.json").write_text(json.dumps(train_log, indent=1) + "\n")
+        plot_curves(train_log, dst / "loss_curve.png", f"sdar-tiny-{name}: block-diffusion loss (block 4)")
+    log(f"[distill] done in {time.perf_counter() - t0:.0f}s")
     return facts
+
+
+def run_stage(base: Path, out: Path, tokenizer_dir: Path, *, num_prompts: int | None = None,
+              steps: int | None = None) -> dict:
+    """The stage as `train_tiny` runs it (corpus and tokenizer of the pre-training run); the
+    defaults are the shipped schedule, num_prompts / steps shrink it for quick runs."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    train_docs, _ = train_tiny.load_corpus()
+    configs = DISTILL if steps is None else {
+        name: replace(cfg, steps=steps, warmup=min(cfg.warmup, steps - 1)) for name, cfg in DISTILL.items()}
+    return distill_pair(base, out, tok, train_docs, num_prompts=num_prompts or NUM_PROMPTS, configs=configs)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="parent dir of the pre-trained sdar-tiny-*")
     ap.add_argument("--out", type=Path, required=True, help="parent dir for the distilled sdar-tiny-*")
+    ap.add_argument("--num-prompts", type=int, default=None, help=f"data size (default {NUM_PROMPTS})")
+    ap.add_argument("--steps", type=int, default=None, help="steps of both models (default: DISTILL)")
     args = ap.parse_args(argv)
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast.from_pretrained(str(args.base / "sdar-tiny-target"))
-    train_docs, _ = train_tiny.load_corpus()
-    distill_pair(args.base, args.out, tok, train_docs)
+    run_stage(args.base, args.out, args.base / "sdar-tiny-target", num_prompts=args.num_prompts, steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from vllm_dllm_spec.tools import train_tiny
 
 PROMPT_TOKENS = 48
 GEN_LENGTH = 64
-THRESHOLDS = (0.7, 0.85, 0.95)
+THRESHOLDS = (0.7, 0.85, 0.9, 0.95)
 _DEF_LINE = re.compile(r"^[ \t]*(async )?def ", re.M)
 
 
@@ -199,6 +199,25 @@ def draft_acceptance(target: SDARModel, draft: SDARModel, prompts, gen_length: i
     return out
 
 
+def simsd_acceptance(target: SDARModel, draft: SDARModel, prompts, gen_length: int) -> dict:
+    """SimSD (the oracle; greedy_match, K=1, block 4, the draft decodes dynamic 0.85) with the draft
+    model and with self-draft: drafted tokens accepted per round, target forwards per token."""
+    from vllm_dllm_spec.reference.simsd import simsd_generate
+
+    out = {}
+    for name, drafter in (("draft", draft), ("self_draft", None)):
+        accepted, tokens, forwards = [], 0, 0
+        for _, prompt in prompts:
+            o = simsd_generate(target, drafter, prompt, gen_length=gen_length,
+                               draft_remasking_strategy="low_confidence_dynamic", confidence_threshold=0.85)
+            accepted += o.accepted_per_round
+            tokens += len(o.tokens)
+            forwards += o.target_forwards
+        out[name] = {"accepted_per_round": sum(accepted) / len(accepted), "rounds": len(accepted),
+                     "target_forwards_per_token": forwards / tokens}
+    return out
+
+
 def sample_text(model: SDARModel, tok, prompt: list[int], gen_length: int = GEN_LENGTH) -> dict:
     o = _gen(model, prompt, gen_length=gen_length, block_length=4, denoising_steps=4,
              remasking_strategy="low_confidence_dynamic", confidence_threshold=0.85)
@@ -241,6 +260,10 @@ def evaluate(target_path: Path, draft_path: Path, *, quick: bool = False, num_pr
     for mode, f in results["draft_vs_target"].items():
         log(f"[draft vs target] block4 {mode}: token match {f['token_match']:.1%}, accepted "
             f"{f['mean_accepted_per_block']:.2f}/block, whole block {f['block_match']:.1%} ({f['blocks']} blocks)")
+    results["simsd"] = simsd_acceptance(models["target"], models["draft"], prompts, gen_length)
+    for name, f in results["simsd"].items():
+        log(f"[simsd {name}] accepted {f['accepted_per_round']:.2f} drafted tokens per round, "
+            f"{f['target_forwards_per_token']:.3f} target forwards per token ({f['rounds']} rounds)")
     results["eval_seconds"] = round(time.perf_counter() - t0, 1)
     log(f"evaluation took {results['eval_seconds']}s")
     return results
@@ -300,9 +323,25 @@ def write_card(path: Path, name: str, results: dict | None) -> None:
         f"- End of training, first 32 held-out sequences: masked-token loss "
         f"{log['history']['heldout_loss'][-1]:.3f}, accuracy {log['history']['heldout_acc'][-1]:.3f}",
         "",
-        "![training loss](loss_curve.png)",
-        "",
     ]
+    if "distill" in log:
+        d = log["distill"]
+        dc = d["config"]
+        lines += [
+            "## Distillation (`tools.distill_tiny`)",
+            "",
+            f"- Certainty-forcing self-distillation after pre-training: {d['num_prompts']} prompts of "
+            f"{d['prompt_tokens']} tokens from line starts of the training files, continued by "
+            f"{d['continuation_tokens']} tokens with the {d['teacher']}'s greedy one-token-per-step block "
+            f"decoding ({d['generate_seconds'] / 60:.1f} min)",
+            f"- {dc['steps']} AdamW steps x {dc['batch_size']} sequences, peak lr {dc['lr']}, warmup "
+            f"{dc['warmup']}, cosine to 10 %: block-diffusion CE on the continuation blocks + "
+            f"{dc['entropy_weight']} x entropy at masked positions already predicted right "
+            f"({d['history']['seconds'] / 60:.1f} min); final CE {d['history']['ce'][-1]:.3f}, "
+            f"masked accuracy on the distillation data {d['history']['acc'][-1]:.3f}",
+            "",
+        ]
+    lines += ["![training loss](loss_curve.png)", ""]
     if results is not None:
         r = results[name]
         s = results["settings"]
@@ -340,6 +379,18 @@ def write_card(path: Path, name: str, results: dict | None) -> None:
                 lines.append(f"| {mode} | {f['token_match']:.1%} | {f['mean_accepted_per_block']:.2f} | "
                              f"{f['block_match']:.1%} |")
             lines += [""]
+            if "simsd" in results:
+                lines += [
+                    "SimSD with this draft (oracle; greedy_match, one draft block, block 4, the draft "
+                    "decodes dynamic 0.85), against self-draft:",
+                    "",
+                    "| drafter | drafted tokens accepted per round | target forwards per token |",
+                    "|---|---|---|",
+                ]
+                for drafter, f in results["simsd"].items():
+                    lines.append(f"| {drafter} | {f['accepted_per_round']:.2f} | "
+                                 f"{f['target_forwards_per_token']:.3f} |")
+                lines += [""]
         smp = r["sample"]
         lines += [
             f"Sample (held-out `{s['prompt_files'][0]}`, dynamic 0.85, block 4, "

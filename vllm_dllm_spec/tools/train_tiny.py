@@ -3,6 +3,11 @@
     python -m vllm_dllm_spec.tools.train_tiny            # writes vllm_dllm_spec/models/sdar-tiny-*
     python -m vllm_dllm_spec.tools.train_tiny --no-eval  # checkpoints only (cards get no figures)
 
+Two stages: pre-training (below) of both models, then certainty-forcing self-distillation
+(`tools.distill_tiny`: both models fine-tuned on the pre-trained target's greedy continuations),
+which makes the target decode several tokens per forward and the draft say what the target says.
+`--no-distill` stops after pre-training.
+
 Corpus (offline on every machine): the `.py` sources of the running interpreter's standard
 library (`sysconfig.get_paths()["stdlib"]`; CPython 3.11.7 here and in CI), file list sorted by
 relative POSIX path, excluding `site-packages/`, every `test`/`tests`/`idle_test` directory,
@@ -439,6 +444,9 @@ def main(argv=None) -> None:
     ap.add_argument("--only", choices=["target", "draft"], default=None)
     ap.add_argument("--sequential", action="store_true", help="train the models one after the other")
     ap.add_argument("--no-eval", action="store_true", help="skip the evaluation and model-card figures")
+    ap.add_argument("--no-distill", action="store_true", help="write the pre-trained models (no distillation)")
+    ap.add_argument("--distill-prompts", type=int, default=None, help="distillation data size (quick runs)")
+    ap.add_argument("--distill-steps", type=int, default=None, help="distillation steps of both models (quick runs)")
     ap.add_argument("--worker", choices=["target", "draft"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -459,7 +467,8 @@ def main(argv=None) -> None:
               f"held-out files ({c['heldout_tokens']} tokens); tokenizer+encode {facts['tokenizer_seconds']}s; "
               f"load avg at start {load}", flush=True)
         names = [args.only] if args.only else ["target", "draft"]
-        cmd = [sys.executable, "-m", "vllm_dllm_spec.tools.train_tiny", "--out", str(args.out), "--work", str(work),
+        stage_out = args.out if args.no_distill or args.only else work / "base"
+        cmd = [sys.executable, "-m", "vllm_dllm_spec.tools.train_tiny", "--out", str(stage_out), "--work", str(work),
                "--steps-target", str(steps["target"]), "--steps-draft", str(steps["draft"])]
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS_PER_MODEL), "TOKENIZERS_PARALLELISM": "false"}
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
@@ -470,6 +479,14 @@ def main(argv=None) -> None:
         codes = [p.wait() for p in procs]
         if any(codes):
             raise SystemExit(f"training worker failed: exit codes {codes}")
+        pretrain_seconds = time.perf_counter() - t0
+        if stage_out != args.out:
+            from vllm_dllm_spec.tools import distill_tiny
+
+            distill_tiny.run_stage(stage_out, args.out, work / "tokenizer", num_prompts=args.distill_prompts,
+                                   steps=args.distill_steps)
+            print(f"pre-training {pretrain_seconds:.0f}s, distillation "
+                  f"{time.perf_counter() - t0 - pretrain_seconds:.0f}s", flush=True)
     finally:
         for p in procs:  # never leave orphaned workers behind
             if p.poll() is None:
@@ -477,7 +494,7 @@ def main(argv=None) -> None:
                 p.wait()
         shutil.rmtree(work, ignore_errors=True)
     total = time.perf_counter() - t0
-    print(f"total training wall time {total:.0f}s (tokenizer + both models); load avg at start {load}, "
+    print(f"total training wall time {total:.0f}s (tokenizer, both models, distillation); load avg at start {load}, "
           f"at end {os.getloadavg()}", flush=True)
     if not args.no_eval and not args.only:
         from vllm_dllm_spec.tools import evaluate_tiny
