@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 from vllm_dllm_spec import bundled_model_path  # noqa: E402
 from vllm_dllm_spec.reference import SDARModel, generate  # noqa: E402
 from vllm_dllm_spec.reference.psd import psd_generate  # noqa: E402
+from tolerances import assert_close  # noqa: E402
 from vllm_helpers import prompts_for, request_configs  # noqa: E402
 
 
@@ -27,6 +28,9 @@ def _check(model, prompt, gen_length, depth, **knobs):
     psd = psd_generate(model, prompt, gen_length=gen_length, draft_depth=depth, **knobs)
     assert psd.tokens == plain.tokens
     assert psd.step_map == plain.step_map
+    # each token's logprobs come from plain decoding's step that unmasked it
+    assert psd.logprobs.shape == (len(plain.tokens), model.config.vocab_size)
+    assert_close(psd.logprobs, plain.logprobs)
     assert psd.num_forwards <= plain.num_forwards
     assert all(1 <= a <= depth for a in psd.accepted_per_verification)
     return plain, psd

@@ -102,14 +102,18 @@ def test_block_length_one_equals_one_token_per_step_loop(tiny_ckpt, model):
     mask_id = model.config.mask_token_id
     prompt = [7, 8, 9, 10, 11]
     seq = list(prompt)
+    logprobs = []  # each token's committing distribution: its own step's, mask token excluded
     with torch.no_grad():
         for _ in range(10):
             logits = hf(input_ids=torch.tensor([seq + [mask_id]])).logits[0, -1]
+            logits[mask_id] = float("-inf")
             seq.append(int(logits.argmax()))
+            logprobs.append(logits.log_softmax(-1))
     for fuse in (False, True):
         out = generate(model, prompt, gen_length=10, block_length=1, denoising_steps=1, fuse_commit=fuse)
         assert out.tokens == seq[len(prompt):]
         assert out.step_map == [0] * 10
+        assert_close(out.logprobs, torch.stack(logprobs))
     assert out.num_forwards == 10  # fused: one forward per token
 
 

@@ -3,6 +3,7 @@ RoPE-copy ablation, MRS keeping the target's distribution, forward accounting.""
 import pytest
 import torch
 
+from tolerances import assert_close
 from vllm_dllm_spec.reference import SDARModel, generate
 from vllm_dllm_spec.reference.simsd import simsd_generate
 
@@ -30,6 +31,7 @@ def test_block_length_one_is_exact(target, other_draft, num_draft_blocks, self_d
         spec = simsd_generate(target, draft, prompt, gen_length=11, block_length=1,
                               num_draft_blocks=num_draft_blocks)
         assert spec.tokens == plain.tokens
+        assert_close(spec.logprobs, plain.logprobs)  # the copies see the target's own context
         assert spec.target_forwards == len(spec.accepted_per_round)
         finalized = [a + (a < d) for a, d in zip(spec.accepted_per_round, spec.drafted_per_round)]
         assert sum(finalized) >= 11

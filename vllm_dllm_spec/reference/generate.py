@@ -28,6 +28,10 @@ class GenerateOutput:
     step_map: list[int]  # per generated token: 0-based denoising step (in its block) that unmasked it
     num_forwards: int  # model forwards, prefill and commits included
     block_steps: list[int] = field(default_factory=list)  # denoising forwards of each block
+    # [len(tokens), V] per generated token: the log-softmax of the logits it was committed from
+    # (the denoising step that unmasked it; mask token excluded: -inf), untempered (vLLM's
+    # default "raw_logprobs"): what `logprobs` / `top_logprobs` report
+    logprobs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
 
 def block_causal_mask(num_cached: int, num_query: int, block_length: int) -> torch.Tensor:
@@ -128,21 +132,24 @@ def denoise_block(
 ):
     """Runs denoising steps until no mask is left. Returns (block [B], unmasked_at [B]: 0-based
     step that unmasked each position, -1 for tokens known before; probs [B, V]: the distribution
-    each token was taken from, zeros for known tokens; number of steps)."""
+    each token was taken from, zeros for known tokens; number of steps; logprobs [B, V]: the
+    log-softmax of the logits each token was unmasked from, zeros for known tokens)."""
     unmasked_at = torch.full(block.shape, -1)  # [B]
-    token_probs = None
+    token_probs = token_logprobs = None
     step = 0
     while bool((block == mask_id).any()):
         logits = exclude_mask_token(block_logits(block), mask_id)
         token, confidence, entropy, probs = predict(logits, knobs, generator)
         if token_probs is None:
             token_probs = torch.zeros_like(probs)  # [B, V]
+            token_logprobs = torch.zeros_like(probs)  # [B, V]
         chosen = select_to_unmask(params, step, block == mask_id, confidence, entropy)
         block = torch.where(chosen, token, block)
         unmasked_at[chosen] = step
         token_probs[chosen] = probs[chosen]
+        token_logprobs[chosen] = logits.float().log_softmax(-1)[chosen]
         step += 1
-    return block, unmasked_at, token_probs, step
+    return block, unmasked_at, token_probs, step, token_logprobs
 
 
 def generate(
@@ -199,6 +206,7 @@ def generate(
     tokens: list[int] = []
     step_map: list[int] = []
     block_steps: list[int] = []
+    logprobs: list[torch.Tensor] = []  # [n_i, V] per block
     while True:
 
         def block_logits(current: torch.Tensor) -> torch.Tensor:
@@ -209,8 +217,10 @@ def generate(
                 uncommitted = prompt[:0]
             return logits
 
-        block, unmasked_at, _, steps = denoise_block(block_logits, block, params, knobs, generator, mask_id)
+        block, unmasked_at, _, steps, block_logprobs = denoise_block(
+            block_logits, block, params, knobs, generator, mask_id)
         block_steps.append(steps)
+        logprobs.append(block_logprobs[first_generated:])
         tokens += block[first_generated:].tolist()
         step_map += unmasked_at[first_generated:].tolist()
         first_generated = 0
@@ -223,7 +233,8 @@ def generate(
         block = torch.full((B,), mask_id)
 
     keep = output_length(tokens, gen_length, eos_id)
-    return GenerateOutput(tokens[:keep], step_map[:keep], num_forwards, block_steps)
+    return GenerateOutput(tokens[:keep], step_map[:keep], num_forwards, block_steps,
+                          torch.cat(logprobs)[:keep])
 
 
 def block_params(cfg, block_length, denoising_steps, remasking_strategy, confidence_threshold,

@@ -44,6 +44,9 @@ class PSDOutput:
     num_forwards: int  # prefill/commit-fused first forwards + verification forwards
     num_state_evals: int  # block copies evaluated (a verification forward holds several)
     accepted_per_verification: list[int] = field(default_factory=list)  # steps each advanced
+    # [len(tokens), V]: per token the log-softmax of the logits of the state it was unmasked from
+    # (mask excluded), i.e. plain decoding's step: equal to generate(..., fuse_commit=True).logprobs
+    logprobs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
 
 def policy_step(params, step, block, logits, mask_id):
@@ -123,11 +126,13 @@ def psd_generate(
     leftover = prompt[num_prefill:]
     block = torch.cat([leftover, torch.full((B - leftover.numel(),), mask_id)])  # [B]
     first_generated = leftover.numel()
+    logprobs: list[torch.Tensor] = []  # [n_i, V] per block
     while True:
         # the block's first forward: the previous block's (or the prompt's) commit fused in
         out.num_forwards += 1
         logits = block_forward(torch.cat([uncommitted, block]), uncommitted.numel())  # [B, V]
         unmasked_at = torch.full((B,), -1)
+        block_logprobs = torch.zeros_like(logits, dtype=torch.float32)  # [B, V]
         step = 0
         while bool((block == mask_id).any()):
             chain, chosen_at = draft_chain(params, step, block, logits, draft_depth, mask_id)
@@ -139,6 +144,11 @@ def psd_generate(
             accepted = accepted_depth(params, step, chain, verified, mask_id)
             for i in range(accepted):
                 unmasked_at[chosen_at[i]] = step + i
+                # transition i was decided by the logits of the state before it: S's own for the
+                # first, the verified logits of chain state i - 1 after that
+                source = logits if i == 0 else verified[i - 1]
+                lp = exclude_mask_token(source, mask_id).float().log_softmax(-1)
+                block_logprobs[chosen_at[i]] = lp[chosen_at[i]]
             block = chain[accepted - 1]
             step += accepted
             if verified:
@@ -147,6 +157,7 @@ def psd_generate(
                 logits = verified[accepted - 1]
         out.tokens += block[first_generated:].tolist()
         out.step_map += unmasked_at[first_generated:].tolist()
+        logprobs.append(block_logprobs[first_generated:])
         first_generated = 0
         uncommitted = block
         if is_finished(out.tokens, gen_length, eos_id):
@@ -155,4 +166,5 @@ def psd_generate(
 
     keep = output_length(out.tokens, gen_length, eos_id)
     out.tokens, out.step_map = out.tokens[:keep], out.step_map[:keep]
+    out.logprobs = torch.cat(logprobs)[:keep]
     return out

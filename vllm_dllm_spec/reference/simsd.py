@@ -43,6 +43,9 @@ class SimSDOutput:
     draft_forwards: int  # draft denoising forwards
     drafted_per_round: list[int] = field(default_factory=list)
     accepted_per_round: list[int] = field(default_factory=list)  # drafted tokens accepted
+    # [len(tokens), V]: per token the log-softmax of the target's verify logits at its mask copy
+    # (mask token excluded), the distribution it was accepted or (re)sampled from
+    logprobs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
     @property
     def acceptance_histogram(self) -> dict[int, int]:
@@ -105,7 +108,7 @@ def draft_round(draft: CachedModel, seq: torch.Tensor, block_start: int, params:
             uncommitted = current[:0]
             return logits[-B:]
 
-        block, unmasked_at, token_probs, _ = denoise_block(
+        block, unmasked_at, token_probs, _, _ = denoise_block(
             block_logits, block, params.draft, knobs, generator, mask_id)
         tokens.append(block)
         labels.append(unmasked_at + 1)  # known tokens: -1 + 1 = 0
@@ -190,6 +193,7 @@ def simsd_generate(
     target, draft = CachedModel(target_model), CachedModel(draft_model)
     seq = prompt.clone()
     out = SimSDOutput([], 0, 0)
+    logprobs: list[torch.Tensor] = []  # [len(new), V] per round
 
     while not is_finished(seq[prompt.numel():].tolist(), gen_length, eos_id):
         block_start = seq.numel() // B * B
@@ -215,6 +219,8 @@ def simsd_generate(
         if nxt >= 0:
             new = torch.cat([new, torch.tensor([nxt])])
         seq = torch.cat([seq, new])
+        # the accepted tokens and the correction / bonus sit at drafted ranks 0 .. len(new) - 1
+        logprobs.append(copy_logits[drafted][: new.numel()].float().log_softmax(-1))
         out.drafted_per_round.append(int(n))
         out.accepted_per_round.append(a)
         # keep the draft's speculative KV only for draft blocks that were accepted whole
@@ -224,5 +230,6 @@ def simsd_generate(
 
     generated = seq[prompt.numel():].tolist()
     out.tokens = generated[: output_length(generated, gen_length, eos_id)]
+    out.logprobs = torch.cat(logprobs)[: len(out.tokens)]
     out.target_forwards, out.draft_forwards = target.forwards, draft.forwards
     return out
