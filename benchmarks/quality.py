@@ -13,7 +13,9 @@ dynamic 0.85), PSD (depth 3, dynamic 0.85). `--compare DIR` adds the plain rows 
 checkpoints (e.g. the pre-distillation target) to the same run.
 
 Runs the pure-PyTorch oracles: the vLLM path equals them token for token (tests/test_vllm_*.py).
-Edit similarity = 1 - Levenshtein(output, truth) / max(len(output), len(truth)), on characters.
+Edit similarity = 1 - Levenshtein(output, truth) / max(len(output), len(truth)), on characters;
+distinct 4-grams = distinct / all token 4-grams of an output (repetition shows as low values; the
+truth's own figure is in the JSON).
 """
 from __future__ import annotations
 
@@ -41,6 +43,12 @@ def edit_similarity(a: str, b: str) -> float:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
         prev = cur
     return 1.0 - prev[-1] / max(len(a), len(b))
+
+
+def distinct_ngrams(tokens: list[int], n: int = 4) -> float:
+    """Distinct n-grams / n-grams of one output: low values mean repetition loops."""
+    grams = [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
 
 
 def first_line(text: str) -> str:
@@ -103,25 +111,30 @@ def main(argv=None) -> dict:
 
     rows = {}
     for name, run in tqdm(methods.items(), desc="quality", unit="method"):
-        sims, firsts, tokens, forwards = [], [], 0, 0
+        sims, firsts, distinct, tokens, forwards = [], [], [], 0, 0
         for prompt, truth in cases:
             out = run(prompt)
             text = tok.decode(out.tokens)
             sims.append(edit_similarity(text, truth))
             firsts.append(first_line(text) == first_line(truth))
+            distinct.append(distinct_ngrams(out.tokens))
             tokens += len(out.tokens)
             forwards += out.target_forwards if hasattr(out, "target_forwards") else out.num_forwards
         rows[name] = {"edit_similarity": sum(sims) / len(sims), "first_line_exact": sum(firsts) / len(firsts),
+                      "distinct_4grams": sum(distinct) / len(distinct),
                       "target_forwards_per_token": forwards / tokens, "tokens_per_forward": tokens / forwards}
+    truth_tokens = [tok.encode(truth, add_special_tokens=False) for _, truth in cases]
+    truth_distinct = sum(distinct_ngrams(t) for t in truth_tokens) / len(truth_tokens)
     base = rows["dynamic@0.85"]["edit_similarity"]
     for r in rows.values():
         r["similarity_vs_dynamic@0.85"] = r["edit_similarity"] / base if base else float("nan")
     path = common.write_json("quality", {"preset": args.preset, "model": model_dir, "draft": draft_dir,
                                          "compare": args.compare, "num_prompts": len(cases), "gen_length": n,
+                                         "truth_distinct_4grams": truth_distinct,
                                          "results": rows}, args.out)
     print("SUMMARY quality " + ", ".join(
         f"{name}: sim {r['edit_similarity']:.3f} ({r['similarity_vs_dynamic@0.85']:.2f}x), "
-        f"line1 {r['first_line_exact']:.0%}, {r['tokens_per_forward']:.2f} tok/fwd"
+        f"line1 {r['first_line_exact']:.0%}, distinct4 {r['distinct_4grams']:.2f}, {r['tokens_per_forward']:.2f} tok/fwd"
         for name, r in rows.items()) + f"; json={path}")
     return rows
 

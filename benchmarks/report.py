@@ -86,6 +86,22 @@ def psd_section(data: dict) -> list[str]:
     return lines + [""]
 
 
+def quality_section(data: dict) -> list[str]:
+    lines = ["### Quality against the true continuation (`benchmarks/quality.py`)", "", where(data) + ".", "",
+             f"{data['num_prompts']} held-out prompts, {data['gen_length']} tokens, greedy; oracle runs (equal to the "
+             "vLLM path token for token). Edit similarity of the decoded text to the file's real continuation, "
+             "exact match of the first line, distinct token 4-grams per output (the truth's: "
+             f"{data['truth_distinct_4grams']:.2f}). `compareN:` rows are other target checkpoints "
+             f"({', '.join(f'`{c}`' for c in data['compare']) or 'none'}) in the same run.", "",
+             "| method | edit similarity | vs dynamic@0.85 | first line exact | distinct 4-grams | "
+             "tokens / target forward |",
+             "|---|---|---|---|---|---|"]
+    for name, r in data["results"].items():
+        lines.append(f"| {name} | {r['edit_similarity']:.3f} | {r['similarity_vs_dynamic@0.85']:.2f}x | "
+                     f"{r['first_line_exact']:.0%} | {r['distinct_4grams']:.2f} | {r['tokens_per_forward']:.2f} |")
+    return lines + [""]
+
+
 def serve_section(data: dict) -> list[str]:
     lines = ["### Serving (`benchmarks/serve.py`)", "", where(data) + f"; generation length {data['gen_length']}.", "",
              "| rate (req/s) | method | tokens/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) |",
@@ -116,8 +132,8 @@ def render(results: Path, docs: Path) -> str:
             shutil.copy(plot, docs / "throughput.png")
             rel = str((docs / "throughput.png").relative_to(ROOT))
         out += throughput_section(json.loads(path.read_text()), rel)
-    for name, section in (("reference_vs_vllm", reference_section), ("simsd_quality", simsd_section),
-                          ("psd_oracle", psd_section), ("serve", serve_section)):
+    for name, section in (("reference_vs_vllm", reference_section), ("quality", quality_section),
+                          ("simsd_quality", simsd_section), ("psd_oracle", psd_section), ("serve", serve_section)):
         path = results / f"{name}.json"
         if path.is_file():
             found = True

@@ -141,3 +141,29 @@ def test_kernels_smoke(tmp_path):
         assert r["speedup"] == pytest.approx(r["ref_us"] / r["op_us"])
     assert set(data["speedup_at_batch64"]) <= {"ref_token_mask", "greedy_match", "rejection_sample",
                                                "hierarchical_accept"}
+
+
+def test_edit_similarity_is_levenshtein_based():
+    sys.path.insert(0, str(BENCH))
+    import quality
+
+    assert quality.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert quality.edit_similarity("", "") == 1.0 and quality.edit_similarity("abc", "") == 0.0
+    assert quality.distinct_ngrams([1, 2, 1, 2, 1, 2], 2) == pytest.approx(2 / 5)
+    assert quality.first_line(" = x\n    y") == " = x"
+
+
+@pytest.mark.slow
+def test_quality_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
+    out = tmp_path / "quality.json"
+    summary = run_bench("quality.py", tiny_ckpt, out, "--draft", tiny_tied_ckpt, "--compare", tiny_ckpt)
+    rows = json.loads(out.read_text())["results"]
+    plain = ("static", "dynamic@0.85", "dynamic@0.7")
+    assert set(rows) == {*plain, "simsd", "simsd_self", "psd", *(f"compare0:{p}" for p in plain)}
+    for p in plain:  # the same checkpoint passed again gives the same figures
+        assert rows[f"compare0:{p}"] == rows[p]
+    assert rows["psd"]["edit_similarity"] == rows["dynamic@0.85"]["edit_similarity"]  # lossless
+    for r in rows.values():
+        assert 0.0 <= r["edit_similarity"] <= 1.0 and 0.0 <= r["first_line_exact"] <= 1.0
+        assert r["tokens_per_forward"] >= 1.0
+    assert "psd: sim" in summary
