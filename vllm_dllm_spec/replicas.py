@@ -1,4 +1,5 @@
-"""Tiny random replicas of the published SDAR checkpoints (JetLM/SDAR-{1.7B,4B,8B}-Chat).
+"""Tiny random replicas of the published SDAR checkpoints (JetLM/SDAR-{1.7B,4B,8B}-Chat, and
+the Qwen3-MoE one, JetLM/SDAR-30B-A3B-Chat).
 
 The published directories cannot be downloaded here, so tests run on replicas with the same
 file layout and the same kinds of values, only tiny and random (docs/CHECKPOINTS.md says
@@ -12,8 +13,14 @@ which parts are confirmed from the published files and which are assumed):
   tokenizer_config.json) whose added tokens are Qwen3's in Qwen3's order, then `<|MASK|>`
   (declared as `mask_token`, only added, or absent), and a Qwen3-style chat template;
 - generation_config.json with an eos list (`<|im_end|>`, `<|endoftext|>`);
-- bf16 safetensors (sharded with an index for the 4B / 8B layouts), weight names 1:1 with
-  Qwen3's, the vocabulary padded past the tokenizer like Qwen's (padding rows zero).
+- bf16 safetensors (sharded with an index for the 4B / 8B / 30B-A3B layouts), weight names 1:1
+  with Qwen3's (Qwen3-MoE's for SDAR-30B-A3B-Chat: `mlp.gate.weight`,
+  `mlp.experts.{i}.{gate,up,down}_proj.weight`), the vocabulary padded past the tokenizer like
+  Qwen's (padding rows zero).
+
+The MoE replica's config.json is `SDARMoeForCausalLM` / `model_type "sdar_moe"` with `auto_map`
+to configuration_sdar_moe / modeling_sdar_moe and Qwen3-MoE's routing keys, and it ships a
+project-written configuration_sdar_moe.py.
 
 Entry point: `make_sdar_replica(out_dir, "SDAR-4B-Chat", diffusion_fields=False)`.
 """
@@ -98,6 +105,27 @@ class SDARConfig(PreTrainedConfig):
 '''
 
 
+# Project-written config class for trust_remote_code loads of the MoE replica.
+CONFIGURATION_SDAR_MOE_PY = CONFIGURATION_SDAR_PY.replace(
+    '"""SDAR configuration (vllm_dllm_spec replica; minimal: Qwen3 fields + block diffusion)."""',
+    '"""SDAR-MoE configuration (vllm_dllm_spec replica; minimal: Qwen3-MoE fields + block diffusion)."""',
+).replace("class SDARConfig(", "class SDARMoeConfig(").replace('model_type = "sdar"', 'model_type = "sdar_moe"').replace(
+    "                 mask_token_id=None, **kwargs):",
+    "                 mask_token_id=None, decoder_sparse_step=1, moe_intermediate_size=768,\n"
+    "                 num_experts_per_tok=8, num_experts=128, norm_topk_prob=True,\n"
+    "                 output_router_logits=False, router_aux_loss_coef=0.001, mlp_only_layers=None,\n"
+    "                 **kwargs):\n"
+    "        self.decoder_sparse_step = decoder_sparse_step\n"
+    "        self.moe_intermediate_size = moe_intermediate_size\n"
+    "        self.num_experts_per_tok = num_experts_per_tok\n"
+    "        self.num_experts = num_experts\n"
+    "        self.norm_topk_prob = norm_topk_prob\n"
+    "        self.output_router_logits = output_router_logits\n"
+    "        self.router_aux_loss_coef = router_aux_loss_coef\n"
+    "        self.mlp_only_layers = [] if mlp_only_layers is None else mlp_only_layers",
+)
+
+
 @dataclass(frozen=True)
 class ReplicaLayout:
     """Tiny stand-in for one published model: the published shape ratios, small sizes."""
@@ -109,7 +137,11 @@ class ReplicaLayout:
     num_key_value_heads: int
     head_dim: int
     tie_word_embeddings: bool
-    num_shards: int  # the published 4B / 8B weights are sharded with an index
+    num_shards: int  # the published 4B / 8B / 30B-A3B weights are sharded with an index
+    # Qwen3-MoE (SDAR-30B-A3B): experts per MoE layer (0 = dense), routed per token, expert width
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
 
 
 LAYOUTS: dict[str, ReplicaLayout] = {
@@ -119,7 +151,12 @@ LAYOUTS: dict[str, ReplicaLayout] = {
     "SDAR-4B-Chat": ReplicaLayout(64, 160, 2, 4, 1, 32, True, 2),
     # Qwen3-8B shape: 32 heads / 8 KV (4:1), untied
     "SDAR-8B-Chat": ReplicaLayout(96, 192, 3, 4, 1, 64, False, 2),
+    # Qwen3-30B-A3B shape: 32 heads / 4 KV (8:1), untied, every layer sparse, 128 experts with
+    # 8 routed per token (16:1), expert width 768 = intermediate 6144 / 8; here 8 experts, 2 routed
+    "SDAR-30B-A3B-Chat": ReplicaLayout(64, 256, 2, 8, 1, 32, False, 2, num_experts=8,
+                                       num_experts_per_tok=2, moe_intermediate_size=32),
 }
+MOE_REPLICAS = tuple(name for name, layout in LAYOUTS.items() if layout.num_experts)
 
 
 def build_qwen2_tokenizer(out_dir: str | Path, *, mask: str = "declared", texts: list[str] | None = None,
@@ -180,7 +217,8 @@ def _write_published_tokenizer_files(out: Path, tok, vocab: dict, merges: list, 
 
 def replica_config(layout: ReplicaLayout, *, vocab_size: int, endoftext_id: int,
                    mask_token_id: int | None, block_size: int | None) -> dict:
-    """config.json with the published key set; `block_size` / `mask_token_id` only when given."""
+    """config.json with the published key set; `block_size` / `mask_token_id` only when given.
+    An MoE layout gets SDARMoeForCausalLM's names and Qwen3-MoE's routing keys."""
     cfg = {
         "architectures": ["SDARForCausalLM"],
         "auto_map": {
@@ -202,6 +240,19 @@ def replica_config(layout: ReplicaLayout, *, vocab_size: int, endoftext_id: int,
         "torch_dtype": "bfloat16", "transformers_version": "4.52.4", "use_cache": False,
         "use_deepep": False, "use_sliding_window": False, "vocab_size": vocab_size,
     }
+    if layout.num_experts:
+        cfg.update({
+            "architectures": ["SDARMoeForCausalLM"], "model_type": "sdar_moe",
+            "auto_map": {
+                "AutoConfig": "configuration_sdar_moe.SDARMoeConfig",
+                "AutoModel": "modeling_sdar_moe.SDARMoeModel",
+                "AutoModelForCausalLM": "modeling_sdar_moe.SDARMoeForCausalLM",
+            },
+            "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "moe_intermediate_size": layout.moe_intermediate_size, "norm_topk_prob": True,
+            "num_experts": layout.num_experts, "num_experts_per_tok": layout.num_experts_per_tok,
+            "output_router_logits": False, "router_aux_loss_coef": 0.001,
+        })
     if block_size is not None:
         cfg["block_size"] = block_size
     if mask_token_id is not None:
@@ -210,15 +261,18 @@ def replica_config(layout: ReplicaLayout, *, vocab_size: int, endoftext_id: int,
 
 
 def make_sdar_replica(out_dir: str | Path, name: str = "SDAR-1.7B-Chat", *, diffusion_fields: bool = False,
-                      mask: str = "declared", block_size: int = 4, seed: int = 0) -> str:
+                      mask: str = "declared", block_size: int = 4, seed: int = 0, **shape) -> str:
     """Writes a tiny random replica of the published `name` checkpoint; returns its path.
     diffusion_fields=False leaves `block_size` / `mask_token_id` out of config.json (the
-    plugin then resolves them); True writes them (block_size = `block_size`)."""
+    plugin then resolves them); True writes them (block_size = `block_size`). `shape`
+    overrides fields of the tiny layout (e.g. hidden_size=48), same key set otherwise."""
+    import dataclasses
+
     from vllm_dllm_spec.testing import random_state_dict
 
     if name not in LAYOUTS:
         raise ValueError(f"name must be one of {sorted(LAYOUTS)}, got {name!r}")
-    layout, out = LAYOUTS[name], Path(out_dir)
+    layout, out = dataclasses.replace(LAYOUTS[name], **shape), Path(out_dir)
     tok = build_qwen2_tokenizer(out, mask=mask)
     ids = {t: tok.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IM_END)}
     mask_id = tok.convert_tokens_to_ids(MASK_TOKEN) if mask != "none" else None
@@ -227,7 +281,10 @@ def make_sdar_replica(out_dir: str | Path, name: str = "SDAR-1.7B-Chat", *, diff
         mask_token_id=mask_id if diffusion_fields else None,
         block_size=block_size if diffusion_fields else None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "configuration_sdar.py").write_text(CONFIGURATION_SDAR_PY)
+    if layout.num_experts:
+        (out / "configuration_sdar_moe.py").write_text(CONFIGURATION_SDAR_MOE_PY)
+    else:
+        (out / "configuration_sdar.py").write_text(CONFIGURATION_SDAR_PY)
     write_generation_config(out, [ids[IM_END], ids[ENDOFTEXT]], bos_id=ids[ENDOFTEXT])
     state = random_state_dict(cfg, seed=seed)
     _zero_padding_rows(state, len(tok))

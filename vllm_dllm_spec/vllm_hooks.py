@@ -2,9 +2,11 @@
 mismatch (the internals it uses are not a public API).
 
 What `install()` does (called by the plugin's `register()` in every vLLM process):
-- `_CONFIG_REGISTRY["sdar"] = SDARConfig`: SDAR checkpoints load without trust_remote_code.
-- `ModelRegistry.register_model("SDARForCausalLM", ...)` (lazy, by name).
-- `MODELS_CONFIG_MAP["SDARForCausalLM"] = SDARConfigHook`: vLLM calls the hook from
+- `_CONFIG_REGISTRY["sdar"] = SDARConfig`, `["sdar_moe"] = SDARMoeConfig`: SDAR checkpoints
+  (dense and MoE) load without trust_remote_code.
+- `ModelRegistry.register_model(...)` for `SDARForCausalLM` and `SDARMoeForCausalLM` (lazy, by
+  name).
+- `MODELS_CONFIG_MAP[<each architecture>] = SDARConfigHook`: vLLM calls the hook from
   `VllmConfig.__post_init__`; it reads `additional_config["dllm_spec"]` (defaults when absent),
   resolves the checkpoint's block size and mask token id where config.json lacks them
   (`checkpoint.py` rules; the tokenizer through vLLM's `cached_get_tokenizer`) and writes them
@@ -23,6 +25,12 @@ logger = logging.getLogger("vllm.vllm_dllm_spec.vllm_hooks")
 
 SUPPORTED_VLLM = ("0.32.",)
 ARCHITECTURE = "SDARForCausalLM"
+MOE_ARCHITECTURE = "SDARMoeForCausalLM"
+# architecture -> the plugin's vLLM model class (both run through the same config hook)
+MODEL_CLASSES = {
+    ARCHITECTURE: "vllm_dllm_spec.model:SDARForCausalLM",
+    MOE_ARCHITECTURE: "vllm_dllm_spec.model:SDARMoeForCausalLM",
+}
 PROPOSER_CLS = "vllm_dllm_spec.denoise.BlockDiffusionProposer"
 VALIDATOR_CLS = "vllm_dllm_spec.denoise:RequestKnobsValidator"
 # additional_config key: most tokens (prompt + output) one request can reach in this engine
@@ -63,6 +71,12 @@ def configure(vllm_config) -> None:
     if not isinstance(options, dict):
         raise ValueError(f"additional_config['dllm_spec'] must be a dict, got {options!r}")
     cfg = DLLMSpecConfig.from_dict(options)
+    # sample logprobs are computed by the plugin (logprobs.py) from the committing step's raw
+    # logits; the other modes describe vLLM's sampler pipeline, which SDAR decoding bypasses
+    mode = getattr(model_config, "logprobs_mode", "raw_logprobs")
+    if mode != "raw_logprobs":
+        raise ValueError(f"SDAR models report logprobs_mode 'raw_logprobs' only (the log-softmax of "
+                         f"the logits each token was committed from), got {mode!r}")
     model_block = resolve_checkpoint_fields(model_config, cfg.block_length)
     params = cfg.denoise_params(model_block)
     if params.block_length != model_block:
@@ -212,14 +226,15 @@ def install() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
-    from vllm_dllm_spec.hf_config import SDARConfig
+    from vllm_dllm_spec.hf_config import CONFIG_CLASSES
 
     class SDARConfigHook(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
             configure(vllm_config)
 
-    _CONFIG_REGISTRY["sdar"] = SDARConfig
-    ModelRegistry.register_model(ARCHITECTURE, "vllm_dllm_spec.model:SDARForCausalLM")
-    MODELS_CONFIG_MAP[ARCHITECTURE] = SDARConfigHook
+    _CONFIG_REGISTRY.update(CONFIG_CLASSES)
+    for architecture, model_cls in MODEL_CLASSES.items():
+        ModelRegistry.register_model(architecture, model_cls)
+        MODELS_CONFIG_MAP[architecture] = SDARConfigHook
     _refuse_prompts_without_room()

@@ -1,4 +1,5 @@
-"""Pure-PyTorch SDAR model (Qwen3 architecture): the oracle the vLLM path is tested against.
+"""Pure-PyTorch SDAR model (Qwen3 architecture, or Qwen3-MoE for SDAR-MoE checkpoints such as
+SDAR-30B-A3B): the oracle the vLLM path is tested against.
 
 Readable over fast. The forward takes an explicit boolean attention mask and an explicit KV
 cache, so every attention pattern of block diffusion (block-causal prefill, bidirectional
@@ -33,6 +34,19 @@ class SDARArchConfig:
     block_size: int
     mask_token_id: int | None
     eos_token_id: int | None
+    # Qwen3-MoE fields (SDAR-MoE, model_type "sdar_moe"); num_experts 0 = dense (every layer an MLP)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Qwen3-MoE's rule: a sparse MoE block unless the layer is in mlp_only_layers or off
+        the decoder_sparse_step grid."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "SDARArchConfig":
@@ -60,7 +74,26 @@ class SDARArchConfig:
             block_size=int(cfg.get("block_size", 4)),
             mask_token_id=cfg.get("mask_token_id"),
             eos_token_id=eos,
+            **_moe_fields(cfg),
         )
+
+
+def _moe_fields(cfg: dict) -> dict:
+    """Qwen3-MoE's routing fields of a config dict with experts (none for a dense config)."""
+    num_experts = int(cfg.get("num_experts") or 0)
+    if num_experts <= 0:
+        return {}
+    top_k = int(cfg["num_experts_per_tok"])
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok must be in 1..num_experts ({num_experts}), got {top_k}")
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": int(cfg["moe_intermediate_size"]),
+        "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+        "decoder_sparse_step": int(cfg.get("decoder_sparse_step", 1)),
+        "mlp_only_layers": tuple(cfg.get("mlp_only_layers") or ()),
+    }
 
 
 class KVCache:
@@ -152,21 +185,50 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: SDARArchConfig):
+    def __init__(self, cfg: SDARArchConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class SparseMoeBlock(nn.Module):
+    """Qwen3-MoE's sparse MLP: a router (`gate`) scores every expert, softmax over experts in
+    float32, the top `num_experts_per_tok` are kept (renormalized to sum 1 when
+    `norm_topk_prob`), and each token's output is the weighted sum of its chosen experts'
+    SwiGLU MLPs. Names: `gate.weight`, `experts.{i}.{gate,up,down}_proj.weight`."""
+
     def __init__(self, cfg: SDARArchConfig):
         super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, hidden]
+        probs = self.gate(flat).float().softmax(dim=-1)  # [N, E]
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: SDARArchConfig, layer: int = 0):
+        super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -175,12 +237,13 @@ class _Backbone(nn.Module):
     def __init__(self, cfg: SDARArchConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class SDARModel(nn.Module):
-    """State-dict names equal HF Qwen3ForCausalLM's (model.*, lm_head.weight)."""
+    """State-dict names equal HF Qwen3ForCausalLM's (model.*, lm_head.weight), or
+    Qwen3MoeForCausalLM's for a config with experts."""
 
     def __init__(self, cfg: SDARArchConfig):
         super().__init__()
