@@ -152,7 +152,7 @@ def test_stop_token_and_sampling(llm, tiny_ckpt):
     assert len(outs[2].outputs[0].token_ids) >= 1
 
 
-@pytest.mark.parametrize("kw", [{"logprobs": 2}, {"repetition_penalty": 1.3}, {"presence_penalty": 0.5}])
+@pytest.mark.parametrize("kw", [{"prompt_logprobs": 1}, {"repetition_penalty": 1.3}, {"presence_penalty": 0.5}])
 def test_sampler_only_params_are_refused(llm, kw):
     from vllm import SamplingParams
 

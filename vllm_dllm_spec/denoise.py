@@ -27,6 +27,7 @@ from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from vllm_dllm_spec.config import REMASKING_STRATEGIES, DenoiseParams, DLLMSpecConfig, SamplingKnobs
+from vllm_dllm_spec.logprobs import gather, requested
 from vllm_dllm_spec.reference.generate import filter_top_k_top_p
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so vLLM's log config applies
@@ -128,6 +129,10 @@ class RequestState:
     block_start: int = -1  # position of the in-progress block
     step: int = 0  # denoising step within the in-progress block
     unmasked_at: list[int] = field(default_factory=list)  # [B] step that unmasked each column
+    num_logprobs: int | None = None  # the request's top-k logprobs (None: none asked)
+    # per column of the in-progress block, its logprobs from the step that unmasked it (vLLM's
+    # row layout, logprobs.gather): ids [B, k + 1], values [B, k + 1], ranks [B]
+    block_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class BlockDiffusionProposer:
@@ -147,6 +152,8 @@ class BlockDiffusionProposer:
         self._drafts: list[list[int]] = []
         # request id -> step_map of the block that finished in the last step (generated tokens)
         self.finished_step_maps: dict[str, list[int]] = {}
+        # batch row -> logprobs (ids, values, ranks) of the block it finished in the last step
+        self.finished_logprobs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def load_model(self, target_model) -> None:  # CPUModelRunner.load_model calls this
         pass
@@ -171,6 +178,7 @@ class BlockDiffusionProposer:
                 params=params, knobs=knobs,
                 strategy=REMASKING_STRATEGIES.index(params.remasking_strategy),
                 transfer=params.num_transfer_tokens(),
+                num_logprobs=requested(sampling_params, self.vocab_size),
             )
             self.states[req_id] = st
         return st
@@ -203,6 +211,7 @@ class BlockDiffusionProposer:
         out = torch.full((num_reqs, B), PLACEHOLDER, dtype=torch.int64)
         self._drafts = [[] for _ in range(num_reqs)]
         self.finished_step_maps = {}
+        self.finished_logprobs = {}
         rows = [i for i in range(num_reqs) if num_drafts[i] > 0]
         if not rows:
             return out
@@ -253,6 +262,7 @@ class BlockDiffusionProposer:
             start = first_draft_pos[rows[j]] // B * B
             if start != st.block_start:
                 st.block_start, st.step, st.unmasked_at = start, 0, [-1] * B
+                st.block_logprobs = None
         steps = [st.step for st in states]
         is_mask = block == mask_id  # [R, B]
         transfer = torch.tensor(
@@ -265,6 +275,8 @@ class BlockDiffusionProposer:
             is_mask, conf2, ent2,
         )  # [R, B]
         new_block = torch.where(chosen, tok2, block)  # [R, B]
+        if any(st.num_logprobs is not None for st in states):
+            self._keep_logprobs(states, chosen, draft_logits, token, fr, fc)
         done = ~(new_block == mask_id).any(1)  # [R]
         unmasked_at = torch.where(chosen, torch.tensor(steps)[:, None],
                                   torch.tensor([st.unmasked_at for st in states]))  # [R, B]
@@ -277,11 +289,40 @@ class BlockDiffusionProposer:
             st.step += 1
             if done_list[j]:
                 self.finished_step_maps[req_ids[rows[j]]] = ua_list[j][B - d:]
+                if st.block_logprobs is not None:
+                    self.finished_logprobs[rows[j]] = tuple(t[B - d:] for t in st.block_logprobs)
                 self._drafts[rows[j]] = [mask_id] * B  # the next block starts fully masked
             else:
                 st.unmasked_at = ua_list[j]
                 self._drafts[rows[j]] = new_list[j][B - d:]
         return out
+
+    def _keep_logprobs(self, states: list[RequestState], chosen: torch.Tensor, draft_logits: torch.Tensor,
+                       token: torch.Tensor, fr: torch.Tensor, fc: torch.Tensor) -> None:
+        """Stores, for the columns each request unmasks in this step, their logprobs under this
+        step's logits (batched over the requests that asked; a loop over requests only)."""
+        B = self.block_length
+        want = torch.tensor([st.num_logprobs is not None for st in states])  # [R]
+        k = max(st.num_logprobs for st in states if st.num_logprobs is not None)
+        flat = want[fr]  # [T] draft rows of requests that asked
+        ids, values, ranks = gather(draft_logits[flat], token[flat], k)
+        R = len(states)
+        g_ids = torch.zeros((R, B, k + 1), dtype=torch.int64)
+        g_values = torch.zeros((R, B, k + 1), dtype=torch.float32)
+        g_ranks = torch.zeros((R, B), dtype=torch.int64)
+        g_ids[fr[flat], fc[flat]], g_values[fr[flat], fc[flat]], g_ranks[fr[flat], fc[flat]] = ids, values, ranks
+        for j, st in enumerate(states):
+            if st.num_logprobs is None:
+                continue
+            w = st.num_logprobs + 1
+            if st.block_logprobs is None:
+                st.block_logprobs = (torch.zeros((B, w), dtype=torch.int64),
+                                     torch.zeros((B, w), dtype=torch.float32),
+                                     torch.zeros(B, dtype=torch.int64))
+            c = chosen[j]
+            st.block_logprobs[0][c] = g_ids[j, c, :w]
+            st.block_logprobs[1][c] = g_values[j, c, :w]
+            st.block_logprobs[2][c] = g_ranks[j, c]
 
     def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None,
                 slot_mappings=None) -> list[list[int]]:
@@ -295,9 +336,13 @@ GREEDY_ONLY_METHODS = ("psd",)
 # value (None is always off).
 UNSUPPORTED_SAMPLING = {
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-    "logit_bias": None, "allowed_token_ids": None, "bad_words": None, "logprobs": None,
-    "prompt_logprobs": None, "structured_outputs": None,
+    "logit_bias": None, "allowed_token_ids": None, "bad_words": None,
+    "logprob_token_ids": None, "structured_outputs": None,
 }
+# Prompt logprobs score each prompt token under an autoregressive next-token distribution; an
+# SDAR model predicts a masked position from its own logits, and a prompt is prefilled without
+# masks, so it has no distribution for its prompt tokens to report.
+PROMPT_LOGPROBS = ("prompt_logprobs", "prompt_logprob_token_ids")
 
 
 def _is_off(value, off) -> bool:
@@ -320,6 +365,12 @@ class RequestKnobsValidator(LogitsProcessor):
     def validate_params(cls, sampling_params) -> None:
         unsupported = [name for name, off in UNSUPPORTED_SAMPLING.items()
                        if not _is_off(getattr(sampling_params, name, off), off)]
+        if any(getattr(sampling_params, name, None) is not None for name in PROMPT_LOGPROBS):
+            raise ValueError(
+                "SDAR block diffusion does not support prompt_logprobs: an SDAR model predicts "
+                "masked positions, not the next token, and the prompt is read without masks, so "
+                "there is no distribution to score prompt tokens with (sample logprobs, "
+                "`logprobs`, are supported)")
         if unsupported:
             raise ValueError(
                 f"SDAR block diffusion does not support {', '.join(unsupported)} (tokens are "

@@ -16,6 +16,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_dllm_spec.denoise import PLACEHOLDER, BlockDiffusionProposer
+from vllm_dllm_spec.logprobs import step_logprobs
 from vllm_dllm_spec.vllm_hooks import VALIDATOR_CLS
 
 
@@ -74,7 +75,12 @@ class DLLMModelRunner(CPUModelRunner):
         pad = torch.full((num_reqs, 1), PLACEHOLDER, dtype=finished.dtype)
         sampled = torch.cat([finished, pad], dim=1).to(torch.int32)  # [num_reqs, B + 1]
         assert sampled.shape[1] == B + 1
-        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+        grid = step_logprobs([self.requests[r].sampling_params for r in req_ids], self.drafter.vocab_size, B + 1)
+        if grid is not None:  # a finished block's tokens sit in its last columns (denoise's `out`)
+            for row, (ids, values, ranks) in self.drafter.finished_logprobs.items():
+                grid.put(row, slice(B - ids.shape[0], B), ids, values, ranks)
+        return SamplerOutput(sampled_token_ids=sampled,
+                             logprobs_tensors=None if grid is None else grid.tensors())
 
     def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
         # vLLM zeroes the drafts when a drafter model would run past max_model_len; ours is no

@@ -22,6 +22,8 @@ from vllm.v1.outputs import SamplerOutput
 
 from vllm_dllm_spec.config import DenoiseParams
 from vllm_dllm_spec.denoise import PLACEHOLDER, resolve_request_params
+from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
+from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.psd import accepted_depth, draft_chain
 from vllm_dllm_spec.simsd import attention as region_attention
 from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
@@ -38,6 +40,10 @@ class PSDState:
     unmasked_at: torch.Tensor | None = None  # [B] step that unmasked each position, -1 if not yet
     chain: list[torch.Tensor] = field(default_factory=list)  # drafted states S_1 .. (from logits(S))
     chosen: list[torch.Tensor] = field(default_factory=list)  # [B] bool: what each transition unmasked
+    num_logprobs: int | None = None  # the request's top-k logprobs (None: none asked)
+    chain_logits: torch.Tensor | None = None  # [B, V] logits(S) the chain was drafted from (logprobs only)
+    # per position, its logprobs from the step that unmasked it: ids [B, k+1], values, ranks [B]
+    block_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -55,6 +61,7 @@ class PSDModelRunner(DLLMModelRunner):
         hf = vllm_config.model_config.hf_config
         self.mask_token_id = int(hf.mask_token_id)
         self.block_length = int(hf.block_size)
+        self.vocab_size = int(hf.vocab_size)
         self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
         self.depth = int(self.engine_options["draft_depth"])
         self.psd_states: dict[str, PSDState] = {}
@@ -87,7 +94,8 @@ class PSDModelRunner(DLLMModelRunner):
             except ValueError as err:  # the front end validates; never take the engine down
                 logger.warning("request %s: %s; using the engine's dllm_spec knobs", rid, err)
                 params = resolve_request_params(self.engine_options, None, self.block_length)
-            st = self.psd_states[rid] = PSDState(params=params)
+            st = self.psd_states[rid] = PSDState(
+                params=params, num_logprobs=requested(self.requests[rid].sampling_params, self.vocab_size))
         return st
 
     def _fill_regions(self, scheduler_output) -> None:
@@ -111,6 +119,7 @@ class PSDModelRunner(DLLMModelRunner):
                 st.block_start, st.step, st.chain, st.chosen = block_start, 0, [], []
                 st.block = torch.cat([known, torch.full((B - known.numel(),), mask_id)])
                 st.unmasked_at = torch.full((B,), -1)
+                st.block_logprobs = None
             states = [s for s in st.chain if bool((s == mask_id).any())] or [st.block]
             copies = states + [states[-1]] * (self.depth - len(states))
             values = torch.cat(copies)[num_tokens - block_start:].tolist()
@@ -145,12 +154,30 @@ class PSDModelRunner(DLLMModelRunner):
     # -- acceptance and the next chain -------------------------------------------------------
     def _draft_chain(self, st: PSDState, logits: torch.Tensor) -> None:
         st.chain, st.chosen = draft_chain(st.params, st.step, st.block, logits, self.depth, self.mask_token_id)
+        if st.num_logprobs is not None:
+            st.chain_logits = logits
 
-    def _advance(self, st: PSDState, accepted: int) -> None:
+    def _advance(self, st: PSDState, accepted: int, verified: torch.Tensor | None = None) -> None:
+        """Accepts the chain's first `accepted` transitions; `verified` [copies, B, V] are the
+        logits of the chain states (transition i >= 1 was decided by state i - 1's)."""
         for i in range(accepted):
             st.unmasked_at[st.chosen[i]] = st.step + i
+            if st.num_logprobs is not None:  # a loop over accepted steps (<= draft_depth)
+                source = st.chain_logits if i == 0 else verified[i - 1]
+                self._keep_logprobs(st, st.chosen[i], st.chain[i], source)
         st.block = st.chain[accepted - 1]
         st.step += accepted
+
+    def _keep_logprobs(self, st: PSDState, chosen: torch.Tensor, state: torch.Tensor, logits: torch.Tensor) -> None:
+        """The logprobs of the positions one transition unmasked (`chosen` [B] bool, tokens from
+        `state` [B]) under the logits it was decided by (mask excluded, as the policy)."""
+        w = st.num_logprobs + 1
+        if st.block_logprobs is None:
+            B = self.block_length
+            st.block_logprobs = (torch.zeros((B, w), dtype=torch.int64), torch.zeros((B, w), dtype=torch.float32),
+                                 torch.zeros(B, dtype=torch.int64))
+        ids, values, ranks = gather(exclude_mask_token(logits[chosen], self.mask_token_id), state[chosen], w - 1)
+        st.block_logprobs[0][chosen], st.block_logprobs[1][chosen], st.block_logprobs[2][chosen] = ids, values, ranks
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
         region_attention.CURRENT = None
@@ -162,6 +189,8 @@ class PSDModelRunner(DLLMModelRunner):
         if spec_decode_metadata is None or not self._steps:
             return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
         spec_logits = logits[spec_decode_metadata.target_logits_indices + 1]  # [T, V] AT the spec tokens
+        grid = step_logprobs([self.requests[r].sampling_params for r in batch.req_ids[:num_reqs]],
+                             self.vocab_size, B + 1)
         offsets = [0]
         for n in spec_decode_metadata.num_draft_tokens:
             offsets.append(offsets[-1] + n)
@@ -176,7 +205,7 @@ class PSDModelRunner(DLLMModelRunner):
                 self._draft_chain(st, copy_logits[0])
             else:
                 accepted = accepted_depth(st.params, st.step, st.chain, copy_logits, mask_id)
-                self._advance(st, accepted)
+                self._advance(st, accepted, copy_logits)
                 if bool((st.block == mask_id).any()):
                     self._draft_chain(st, copy_logits[accepted - 1])
             if not bool((st.chain[0] == mask_id).any()) and bool((st.block == mask_id).any()):
@@ -185,10 +214,13 @@ class PSDModelRunner(DLLMModelRunner):
                 self._next_drafts[info.row] = [mask_id] * self._region_length(info.num_tokens)
                 continue
             out[info.row, : B - known] = st.block[known:]
+            if grid is not None and st.block_logprobs is not None:
+                grid.put(info.row, slice(0, B - known), *(t[known:] for t in st.block_logprobs))
             self.drafter.finished_step_maps[rid] = st.unmasked_at[known:].tolist()
             st.block_start = -1  # the next block starts fully masked
             self._next_drafts[info.row] = [mask_id] * self._region_length(info.num_tokens + B - known)
-        return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
+        return SamplerOutput(sampled_token_ids=out.to(torch.int32),
+                             logprobs_tensors=None if grid is None else grid.tensors())
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         return self._next_drafts

@@ -25,6 +25,7 @@ from vllm.v1.outputs import SamplerOutput
 from vllm_dllm_spec import ops
 from vllm_dllm_spec.config import DLLMSpecConfig, SamplingKnobs, SimSDParams
 from vllm_dllm_spec.denoise import PLACEHOLDER
+from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
 from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.simsd import sampling_probs
 from vllm_dllm_spec.simsd import attention as simsd_attention
@@ -65,6 +66,7 @@ class SimSDModelRunner(DLLMModelRunner):
         super().__init__(vllm_config, device)
         hf = vllm_config.model_config.hf_config
         self.mask_token_id = int(hf.mask_token_id)
+        self.vocab_size = int(hf.vocab_size)
         self.model_block = int(hf.block_size)
         self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
         self.simsd_states: dict[str, SimSDState] = {}
@@ -210,6 +212,9 @@ class SimSDModelRunner(DLLMModelRunner):
             offsets.append(offsets[-1] + n)
         greedy_rows, greedy_d, greedy_t = [], [], []
         results: dict[str, tuple[int, int]] = {}
+        grid = step_logprobs([self.requests[r].sampling_params for r in batch.req_ids[:num_reqs]],
+                             self.vocab_size, width)
+        verify_logits: dict[str, torch.Tensor] = {}  # [n, V] of the requests that ask for logprobs
         for rid, info in self._rounds.items():
             st, job = self.simsd_states[rid], info.job
             K, B = st.params.num_draft_blocks, st.params.draft.block_length
@@ -219,6 +224,8 @@ class SimSDModelRunner(DLLMModelRunner):
             copy_logits = exclude_mask_token(spec_logits[copy_rows], self.mask_token_id)  # [n, V]
             d_tokens = job.tokens[known:]
             n = d_tokens.numel()
+            if grid is not None and requested(self.requests[rid].sampling_params, self.vocab_size) is not None:
+                verify_logits[rid] = copy_logits
             if st.params.verification == "greedy_match":
                 greedy_rows.append(rid)
                 greedy_d.append(d_tokens)
@@ -253,6 +260,9 @@ class SimSDModelRunner(DLLMModelRunner):
             a, nxt = results[rid]
             new = job.tokens[known: known + a].tolist() + ([nxt] if nxt >= 0 else [])
             out[info.row, : len(new)] = torch.tensor(new)
+            if rid in verify_logits:  # every new token's distribution: the target's at its copy
+                k = requested(self.requests[rid].sampling_params, self.vocab_size)
+                grid.put(info.row, slice(0, len(new)), *gather(verify_logits[rid][: len(new)], torch.tensor(new), k))
             drafted = job.labels > 0
             n = int(drafted.sum())
             st.drafted.append(n)
@@ -262,7 +272,8 @@ class SimSDModelRunner(DLLMModelRunner):
             self._next_drafts[info.row] = [self.mask_token_id] * region_length(
                 st.params, info.num_tokens + len(new))
             self._step_records[rid] = (n, a, job.forwards)
-        return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
+        return SamplerOutput(sampled_token_ids=out.to(torch.int32),
+                             logprobs_tensors=None if grid is None else grid.tensors())
 
     def sample_tokens(self, grammar_output):
         output = super().sample_tokens(grammar_output)
