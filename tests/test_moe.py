@@ -207,30 +207,6 @@ def test_moe_engine_equals_oracle(engine, paths, ids):
     check_against_oracle(method, paths, ids, prompts, max_tokens, outs, knobs)
 
 
-# -- TP=2 -----------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
-def test_moe_tp2_equals_oracle(paths, ids, method, monkeypatch):
-    """TP=2 (two worker processes, gloo): attention heads and each expert's width are sharded
-    (the router is replicated); tokens and forward counts equal the oracle."""
-    from vllm import LLM, SamplingParams
-
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    llm = LLM(model=paths["moe"], dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=8,
-              block_size=32, tensor_parallel_size=2, distributed_executor_backend="mp", seed=0,
-              additional_config={"dllm_spec": options_for(method, paths)})
-    rng = random.Random(41)
-    prompts = [[rng.randrange(2, ids["endoftext"]) for _ in range(n)] for n in (2, 7, 12)]
-    max_tokens = [14, 9, 14]
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens], use_tqdm=False)
-    finally:
-        shutdown_llm(llm)
-    check_against_oracle(method, paths, ids, prompts, max_tokens, outs)
-
-
 # -- what vLLM's CPU MoE kernels refuse ------------------------------------------------------------
 
 def test_refused_moe_configuration_is_named(tmp_path):
@@ -244,3 +220,29 @@ def test_refused_moe_configuration_is_named(tmp_path):
                        r"num_experts_per_tok=2, dtype=torch.float32; vLLM's CPU MoE kernel needs hidden_size "
                        r"divisible by 32"):
         LLM(model=path, dtype="float32", max_model_len=256, enforce_eager=True, block_size=32)
+
+
+# -- TP=2 -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_moe_tp2_equals_oracle(paths, ids, method, monkeypatch):
+    """TP=2 (two worker processes, gloo): attention heads and each expert's width are sharded
+    (the router is replicated); tokens and forward counts equal the oracle."""
+    import vllm.envs
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    vllm.envs.disable_envs_cache()  # an earlier in-process engine froze vLLM's env reads
+    llm = LLM(model=paths["moe"], dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=8,
+              block_size=32, tensor_parallel_size=2, distributed_executor_backend="mp", seed=0,
+              additional_config={"dllm_spec": options_for(method, paths)})
+    rng = random.Random(41)
+    prompts = [[rng.randrange(2, ids["endoftext"]) for _ in range(n)] for n in (2, 7, 12)]
+    max_tokens = [14, 9, 14]
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens], use_tqdm=False)
+    finally:
+        shutdown_llm(llm)
+    check_against_oracle(method, paths, ids, prompts, max_tokens, outs)
