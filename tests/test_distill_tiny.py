@@ -71,6 +71,29 @@ def test_objective_equals_slow_twin(model):
     assert masked[:, :8].any()  # prompt positions are masked too, yet never counted
 
 
+def test_objective_with_teacher_is_kl_to_the_teacher(model, tmp_path):
+    """Draft alignment: KL(teacher || model) at the masked continuation positions, zero for the
+    model itself, equal to the position-by-position sum otherwise."""
+    teacher = SDARModel.from_pretrained(make_random_sdar_checkpoint(tmp_path / "teacher", seed=9, head_dim=16))
+    x = torch.randint(2, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    t = 16
+    with torch.no_grad():
+        self_kl = distill_tiny.DistillObjective(model, 8, t, 0.0, autocast=False, teacher=model)
+        assert self_kl.loss(model, x, torch.Generator().manual_seed(3))[0].abs() < 1e-5
+        objective = distill_tiny.DistillObjective(model, 8, t, 0.0, autocast=False, teacher=teacher)
+        loss = objective.loss(model, x, torch.Generator().manual_seed(3))[0]
+        noisy, masked = train_tiny.mask_blocks(x, 4, model.config.mask_token_id, torch.Generator().manual_seed(3))
+        mask = train_tiny.bd_attention_mask(t, 4)[None].expand(2, -1, -1)
+        positions = torch.arange(t).repeat(2)[None].expand(2, -1)
+        ids = torch.cat([x, noisy], 1)
+        p = teacher(ids, positions, mask)[:, t:].log_softmax(-1)
+        q = model(ids, positions, mask)[:, t:].log_softmax(-1)
+        counted = masked.clone()
+        counted[:, :8] = False
+        kl = [(p[b, i].exp() * (p[b, i] - q[b, i])).sum() for b in range(2) for i in range(t) if counted[b, i]]
+        assert_close(loss, torch.stack(kl).mean())
+
+
 def test_line_start_prompts_are_seeded_windows():
     from transformers import PreTrainedTokenizerFast
 

@@ -70,11 +70,13 @@ class DistillConfig:
             raise ValueError(f"need lr > 0, entropy_weight >= 0, 0 <= warmup < steps: {self}")
 
 
-NUM_PROMPTS = 2048
+NUM_PROMPTS = 4096
 DATA_SEED = 2024
 DISTILL = {
-    "target": DistillConfig(steps=1000, batch_size=8, lr=5e-4, warmup=50, entropy_weight=3.0, seed=2024),
-    "draft": DistillConfig(steps=1500, batch_size=8, lr=1e-3, warmup=50, entropy_weight=1.0, seed=2025),
+    "target": DistillConfig(steps=1500, batch_size=8, lr=5e-4, warmup=50, entropy_weight=3.0, seed=2024),
+    "draft": DistillConfig(steps=2500, batch_size=8, lr=1e-3, warmup=50, entropy_weight=1.0, seed=2025),
+    # then KL to the distilled target's distributions, same data (entropy_weight unused there)
+    "draft_align": DistillConfig(steps=500, batch_size=8, lr=3e-4, warmup=20, entropy_weight=0.0, seed=2026),
 }
 
 
@@ -151,40 +153,58 @@ def greedy_continue(model: SDARModel, prompts: torch.Tensor, gen_length: int, *,
 
 class DistillObjective:
     """Block-diffusion loss on [prompt | continuation] sequences, counted on continuation blocks
-    only, plus certainty forcing: entropy_weight x mean entropy at the masked continuation
-    positions whose argmax already equals the data token."""
+    only. Without a teacher: cross-entropy to the data tokens plus certainty forcing,
+    entropy_weight x the entropy at masked continuation positions whose argmax already equals
+    the data token (summed, divided by the masked positions). With a teacher: KL(teacher ||
+    model) at the same positions, both fed the same noisy sequence (aligns a draft with the
+    target's distributions, not only with its argmax)."""
 
     def __init__(self, model: SDARModel, prompt_len: int, seq_len: int, entropy_weight: float,
-                 autocast: bool = True):
+                 autocast: bool = True, teacher: SDARModel | None = None):
         cfg = model.config
         self.autocast = autocast
         self.seq_len, self.block, self.mask_id = seq_len, cfg.block_size, cfg.mask_token_id
         self.entropy_weight = entropy_weight
         self.attn_mask = train_tiny.bd_attention_mask(seq_len, self.block)
         self.in_continuation = torch.arange(seq_len) >= prompt_len  # [T]
+        self.teacher = teacher
         pos = torch.arange(seq_len).repeat(2)[None]
-        self.cos, self.sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+        self.rope = {id(m): rope_cos_sin(pos, m.config.head_dim, m.config.rope_theta, torch.float32)
+                     for m in (model, teacher) if m is not None}
+
+    def _logits(self, model: SDARModel, ids: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        """Logits [n, V] at the counted positions of the noisy half."""
+        cos, sin = self.rope[id(model)]
+        with torch.autocast("cpu", dtype=train_tiny.TRAIN_AUTOCAST_DTYPE, enabled=self.autocast):
+            hidden = train_tiny.fast_hidden(model, ids, cos, sin, self.attn_mask)
+            return model.lm_head(hidden[:, self.seq_len:][counted]).float()
 
     def loss(self, model: SDARModel, x: torch.Tensor, gen: torch.Generator):
+        """(loss, CE to the data tokens, accuracy) for a batch x [b, T]."""
         noisy, masked = train_tiny.mask_blocks(x, self.block, self.mask_id, gen)
         counted = masked & self.in_continuation  # [b, T]
-        with torch.autocast("cpu", dtype=train_tiny.TRAIN_AUTOCAST_DTYPE, enabled=self.autocast):
-            hidden = train_tiny.fast_hidden(model, torch.cat([x, noisy], 1), self.cos, self.sin, self.attn_mask)
-            logits = model.lm_head(hidden[:, self.seq_len:][counted]).float()  # [n, V]
+        ids = torch.cat([x, noisy], 1)
+        logits = self._logits(model, ids, counted)  # [n, V]
         target = x[counted]
         ce = F.cross_entropy(logits, target)
         logp = logits.log_softmax(-1)
-        entropy = -(logp.exp() * logp).sum(-1)  # [n]
         correct = logits.argmax(-1) == target
-        certainty = (entropy * correct).sum() / max(1, int(correct.numel()))
-        return ce + self.entropy_weight * certainty, ce.detach(), correct.float().mean()
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logp = self._logits(self.teacher, ids, counted).log_softmax(-1)
+            loss = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
+        else:
+            entropy = -(logp.exp() * logp).sum(-1)  # [n]
+            loss = ce + self.entropy_weight * (entropy * correct).sum() / max(1, int(correct.numel()))
+        return loss, ce.detach(), correct.float().mean()
 
 
 def finetune(model: SDARModel, data: torch.Tensor, prompt_len: int, cfg: DistillConfig, name: str,
-             log=print) -> dict:
-    """AdamW fine-tuning of `model` (in place) on data [N, T]; returns the training history."""
+             log=print, teacher: SDARModel | None = None) -> dict:
+    """AdamW fine-tuning of `model` (in place) on data [N, T] (towards `teacher`'s distributions
+    when given); returns the training history."""
     model.train()
-    objective = DistillObjective(model, prompt_len, data.shape[1], cfg.entropy_weight)
+    objective = DistillObjective(model, prompt_len, data.shape[1], cfg.entropy_weight, teacher=teacher)
     params = list(model.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -235,6 +255,10 @@ def plot_curves(train_log: dict, path: Path, title: str) -> None:
     left.set_title("pre-training")
     right.plot(dist["step"], dist["loss"], label="CE + certainty term")
     right.plot(dist["step"], dist["ce"], label="CE (continuation blocks)")
+    if "align" in train_log["distill"]:
+        align = train_log["distill"]["align"]["history"]
+        offset = dist["step"][-1] if dist["step"] else 0
+        right.plot([offset + s for s in align["step"]], align["loss"], label="KL to the distilled target")
     right.set_title("self-distillation")
     for ax in (left, right):
         ax.set_xlabel("step")
@@ -255,12 +279,22 @@ def _continue_part(base: Path, prompts: torch.Tensor, part: int) -> torch.Tensor
     return greedy_continue(teacher, prompts, CONT_TOKENS, progress=f"continue (part {part})")
 
 
-def _finetune_worker(base: Path, name: str, cfg: DistillConfig, data: torch.Tensor) -> tuple[dict, dict]:
-    """Worker: fine-tunes one base model on the data (one thread); returns (bf16 state, history)."""
+def _load(base: Path, name: str, state: dict | None = None) -> SDARModel:
+    model = SDARModel.from_pretrained(base / f"sdar-tiny-{name}")
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def _finetune_worker(base: Path, name: str, cfg: DistillConfig, data: torch.Tensor, start: dict | None = None,
+                     teacher: dict | None = None) -> tuple[dict, dict]:
+    """Worker: fine-tunes one model (base weights, or the bf16 state `start`) on the data, towards
+    the target state `teacher` when given (one thread); returns (bf16 state, history)."""
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    model = SDARModel.from_pretrained(base / f"sdar-tiny-{name}")
-    history = finetune(model, data, PROMPT_TOKENS, cfg, name)
+    model = _load(base, name, start)
+    teacher_model = None if teacher is None else _load(base, "target", teacher).eval()
+    history = finetune(model, data, PROMPT_TOKENS, cfg, name, teacher=teacher_model)
     return train_tiny.bf16_state(model.eval()), history
 
 
@@ -270,7 +304,8 @@ def distill_pair(base: Path, out: Path, tok, train_docs, *, num_prompts: int = N
 
     One data set serves both models: the base target's greedy continuations (the draft learns
     what the target says; the distilled target keeps saying it, more confidently). Two worker
-    processes, one thread each: the continuations in two halves, then the two fine-tunings."""
+    processes, one thread each: the continuations in two halves, then the two fine-tunings at
+    once, then the draft's alignment with the distilled target's distributions (KL)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -285,12 +320,18 @@ def distill_pair(base: Path, out: Path, tok, train_docs, *, num_prompts: int = N
         names = ["target", "draft"]
         results = dict(zip(names, pool.map(_finetune_worker, [base, base], names, [configs[n] for n in names],
                                            [data, data])))
+        aligned = pool.submit(_finetune_worker, base, "draft", configs["draft_align"], data,
+                              results["draft"][0], results["target"][0]).result()
     facts = {}
     for name, (state, history) in results.items():
         facts[name] = {"config": asdict(configs[name]), "num_prompts": len(prompts), "data_seed": DATA_SEED,
                        "prompt_tokens": PROMPT_TOKENS, "continuation_tokens": CONT_TOKENS,
                        "teacher": "pre-trained target", "generate_seconds": round(gen_seconds, 1),
                        "history": history}
+    results["draft"] = aligned
+    facts["draft"]["align"] = {"config": asdict(configs["draft_align"]), "teacher": "distilled target (KL)",
+                               "history": aligned[1]}
+    for name, (state, _) in results.items():
         dst = out / f"sdar-tiny-{name}"
         if dst.resolve() != (base / f"sdar-tiny-{name}").resolve():
             shutil.rmtree(dst, ignore_errors=True)
