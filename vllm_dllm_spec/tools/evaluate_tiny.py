@@ -317,7 +317,7 @@ def write_card(path: Path, name: str, results: dict | None) -> None:
         f"(1-min load average {log['load_avg_at_start'][0]} at start, {log['load_avg_at_end'][0]} at end "
         "on a shared 2-core machine); the two models train at once, one process each"
         + (f"; tokenizer + both models {log['total_train_seconds_both_models'] / 60:.1f} min wall"
-           if "total_train_seconds_both_models" in log else ""),
+           if "total_train_seconds_both_models" in log and "distill" not in log else ""),
         (f"- CPU time {log['train_cpu_seconds'] / 60:.1f} min (about the wall time on an idle core)"
          if "train_cpu_seconds" in log else "- CPU time: see docs/MODELS.md"),
         f"- End of training, first 32 held-out sequences: masked-token loss "
@@ -330,6 +330,8 @@ def write_card(path: Path, name: str, results: dict | None) -> None:
         lines += [
             "## Distillation (`tools.distill_tiny`)",
             "",
+            f"- Both models together: {d['stage_seconds'] / 60:.1f} min wall (two processes, one thread each) "
+            "after pre-training" if "stage_seconds" in d else "- Timing: see docs/MODELS.md",
             f"- Certainty-forcing self-distillation after pre-training: {d['num_prompts']} prompts of "
             f"{d['prompt_tokens']} tokens from line starts of the training files, continued by "
             f"{d['continuation_tokens']} tokens with the {d['teacher']}'s greedy one-token-per-step block "
@@ -339,8 +341,13 @@ def write_card(path: Path, name: str, results: dict | None) -> None:
             f"{dc['entropy_weight']} x entropy at masked positions already predicted right "
             f"({d['history']['seconds'] / 60:.1f} min); final CE {d['history']['ce'][-1]:.3f}, "
             f"masked accuracy on the distillation data {d['history']['acc'][-1]:.3f}",
-            "",
         ]
+        if "align" in d:
+            a = d["align"]
+            lines.append(f"- Then aligned with the distilled target: {a['config']['steps']} steps, peak lr "
+                         f"{a['config']['lr']}, KL(target || draft) at masked continuation positions, same data "
+                         f"({a['history']['seconds'] / 60:.1f} min); final KL {a['history']['loss'][-1]:.3f}")
+        lines += ["- Why and how it was chosen: docs/MODELS.md", ""]
     lines += ["![training loss](loss_curve.png)", ""]
     if results is not None:
         r = results[name]
