@@ -23,12 +23,13 @@ Steps (deterministic: fixed seeds, fixed data, one thread per process, two proce
    of masked positions). The draft thereby learns what the target says. (Distilling the draft
    from the distilled target's own continuations instead was measured worse: those repeat more,
    docs/MODELS.md.)
+4. the draft is aligned with the distilled target: KL(target || draft) at the same positions,
+   both fed the same noisy sequences of the same data (SimSD acceptance 2.53 -> 2.87 measured).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import shutil
 import time
