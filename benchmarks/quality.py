@@ -55,13 +55,10 @@ def first_line(text: str) -> str:
     return text.split("\n", 1)[0]
 
 
-def prompts_with_truth(model_dir: str, num: int, gen_length: int, prompt_tokens: int = 48):
+def prompts_with_truth(tok, num: int, gen_length: int, prompt_tokens: int = 48):
     """[(prompt ids, true continuation text)] from the held-out split."""
-    from transformers import AutoTokenizer
-
     from vllm_dllm_spec.tools.evaluate_tiny import def_windows
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
     return [(ids[:prompt_tokens], tok.decode(ids[prompt_tokens: prompt_tokens + gen_length]))
             for _, ids in def_windows(tok, num, prompt_tokens + gen_length)]
 
@@ -82,8 +79,8 @@ def main(argv=None) -> dict:
     model_dir = args.model or common.default_model()
     draft_dir = args.draft if args.draft else (None if args.model else common.bundled_draft())
     n = preset["gen_length"]
-    cases = prompts_with_truth(model_dir, preset["num_prompts"], n)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    cases = prompts_with_truth(tok, preset["num_prompts"], n)
     target = SDARModel.from_pretrained(model_dir)
     draft = SDARModel.from_pretrained(draft_dir) if draft_dir else None
 

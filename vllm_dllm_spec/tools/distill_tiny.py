@@ -48,7 +48,6 @@ from vllm_dllm_spec.tools import train_tiny
 PROMPT_TOKENS = 48  # a multiple of the block size: every continuation starts a fresh block
 CONT_TOKENS = 64
 DECODE_BATCH = 256
-_DEF_LINE = re.compile(r"^[ \t]*(async )?def ", re.M)
 _ANY_LINE = re.compile(r"^[ \t]*\S", re.M)
 
 
@@ -91,7 +90,7 @@ def line_start_prompts(tok, docs: list[tuple[str, str]], num: int, seed: int,
     gen = torch.Generator().manual_seed(seed)
     candidates = {"def": [], "line": []}
     for doc_idx, (_, text) in enumerate(docs):
-        candidates["def"] += [(doc_idx, m.start()) for m in _DEF_LINE.finditer(text)]
+        candidates["def"] += [(doc_idx, m.start()) for m in train_tiny.DEF_LINE.finditer(text)]
         candidates["line"] += [(doc_idx, m.start()) for m in _ANY_LINE.finditer(text)]
     chosen = []
     for kind, share in (("def", num // 2), ("line", num - num // 2)):
@@ -207,10 +206,7 @@ def finetune(model: SDARModel, data: torch.Tensor, prompt_len: int, cfg: Distill
     model.train()
     objective = DistillObjective(model, prompt_len, data.shape[1], cfg.entropy_weight, teacher=teacher)
     params = list(model.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = train_tiny.adamw(model, cfg.lr)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     history = {"step": [], "loss": [], "ce": [], "acc": []}
     run = torch.zeros(3)

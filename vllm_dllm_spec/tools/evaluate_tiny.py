@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -41,7 +40,6 @@ from vllm_dllm_spec.tools import train_tiny
 PROMPT_TOKENS = 48
 GEN_LENGTH = 64
 THRESHOLDS = (0.7, 0.85, 0.9, 0.95)
-_DEF_LINE = re.compile(r"^[ \t]*(async )?def ", re.M)
 
 
 def default_paths() -> tuple[Path, Path]:
@@ -70,7 +68,7 @@ def def_windows(tok, num: int, min_tokens: int, max_tokens: int | None = None) -
     max_tokens of them), for the first `num` files that have at least min_tokens there."""
     out = []
     for rel, text in heldout_docs():
-        starts = [m.start() for m in _DEF_LINE.finditer(text)]
+        starts = [m.start() for m in train_tiny.DEF_LINE.finditer(text)]
         if not starts:
             continue
         ids = tok.backend_tokenizer.encode(text[starts[len(starts) // 2]:], add_special_tokens=False).ids
@@ -199,13 +197,14 @@ def draft_acceptance(target: SDARModel, draft: SDARModel, prompts, gen_length: i
     return out
 
 
-def simsd_acceptance(target: SDARModel, draft: SDARModel, prompts, gen_length: int) -> dict:
+def simsd_acceptance(target: SDARModel, draft: SDARModel, prompts, gen_length: int,
+                     self_draft: bool = True) -> dict:
     """SimSD (the oracle; greedy_match, K=1, block 4, the draft decodes dynamic 0.85) with the draft
-    model and with self-draft: drafted tokens accepted per round, target forwards per token."""
+    model (and with self-draft): drafted tokens accepted per round, target forwards per token."""
     from vllm_dllm_spec.reference.simsd import simsd_generate
 
     out = {}
-    for name, drafter in (("draft", draft), ("self_draft", None)):
+    for name, drafter in (("draft", draft), ("self_draft", None))[: 2 if self_draft else 1]:
         accepted, tokens, forwards = [], 0, 0
         for _, prompt in prompts:
             o = simsd_generate(target, drafter, prompt, gen_length=gen_length,

@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,7 @@ SEQ_LEN = 128  # clean tokens per training sequence (32 blocks); the model sees 
 HELDOUT_MOD = 20
 EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data", "__pycache__"}
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+DEF_LINE = re.compile(r"^[ \t]*(async )?def ", re.M)  # prompts start at such lines (evaluation, distillation)
 
 # Target ~5.25 M parameters (4 Qwen3 layers, untied 4096-token embeddings: embedding parameters
 # are nearly free in compute, layers are not), draft ~1.1 M (4.7x smaller, tied); bf16 on disk.
@@ -269,6 +271,14 @@ def build_config(name: str, tok) -> dict:
     return cfg
 
 
+def adamw(model: SDARModel, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay 0.1 on matrices only (norms unregularised), betas 0.9 / 0.95."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
 def train_model(name, cfg, stream, heldout_stream, *, steps, batch_size, lr, warmup, seed, log=print,
                 eval_every=500):
     arch = SDARArchConfig.from_dict(cfg)
@@ -277,12 +287,7 @@ def train_model(name, cfg, stream, heldout_stream, *, steps, batch_size, lr, war
     init_weights(model, seed)
     model.train()
     objective = BDObjective(arch)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8,
-    )
+    opt = adamw(model, lr)
     noise_gen = torch.Generator().manual_seed(seed + 1)
     history = {"step": [], "train_loss": [], "train_acc": [], "eval_step": [], "heldout_loss": [],
                "heldout_acc": [], "seconds": []}
