@@ -464,6 +464,7 @@ def main(argv=None) -> None:
     load = os.getloadavg()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="sdar_tiny_train_"))
+    distill = not (args.no_distill or args.only)
     procs: list[subprocess.Popen] = []
     try:
         facts = _prepare(work)
@@ -472,7 +473,7 @@ def main(argv=None) -> None:
               f"held-out files ({c['heldout_tokens']} tokens); tokenizer+encode {facts['tokenizer_seconds']}s; "
               f"load avg at start {load}", flush=True)
         names = [args.only] if args.only else ["target", "draft"]
-        stage_out = args.out if args.no_distill or args.only else work / "base"
+        stage_out = work / "base" if distill else args.out
         cmd = [sys.executable, "-m", "vllm_dllm_spec.tools.train_tiny", "--out", str(stage_out), "--work", str(work),
                "--steps-target", str(steps["target"]), "--steps-draft", str(steps["draft"])]
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS_PER_MODEL), "TOKENIZERS_PARALLELISM": "false"}
@@ -485,7 +486,7 @@ def main(argv=None) -> None:
         if any(codes):
             raise SystemExit(f"training worker failed: exit codes {codes}")
         pretrain_seconds = time.perf_counter() - t0
-        if stage_out != args.out:
+        if distill:
             from vllm_dllm_spec.tools import distill_tiny
 
             distill_tiny.run_stage(stage_out, args.out, work / "tokenizer", num_prompts=args.distill_prompts,
@@ -499,7 +500,8 @@ def main(argv=None) -> None:
                 p.wait()
         shutil.rmtree(work, ignore_errors=True)
     total = time.perf_counter() - t0
-    print(f"total training wall time {total:.0f}s (tokenizer, both models, distillation); load avg at start {load}, "
+    print(f"total training wall time {total:.0f}s (tokenizer, models{', distillation' if distill else ''}); "
+          f"load avg at start {load}, "
           f"at end {os.getloadavg()}", flush=True)
     if not args.no_eval and not args.only:
         from vllm_dllm_spec.tools import evaluate_tiny
