@@ -25,7 +25,7 @@ from vllm_dllm_spec.denoise import PLACEHOLDER, resolve_request_params
 from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
 from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.psd import accepted_depth, draft_chain
-from vllm_dllm_spec.simsd import attention as region_attention
+from vllm_dllm_spec import region as region_attention
 from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
 
 logger = init_logger("vllm." + __name__)

@@ -22,7 +22,7 @@ from vllm_dllm_spec.config import REMASKING_STRATEGIES, SimSDParams, SamplingKno
 from vllm_dllm_spec.denoise import predict_greedy, select_to_unmask
 from vllm_dllm_spec.reference.generate import exclude_mask_token, predict
 from vllm_dllm_spec.reference.model import SDARModel, apply_rope, rope_cos_sin
-from vllm_dllm_spec.simsd.attention import cache_slots
+from vllm_dllm_spec.region import cache_slots
 
 
 class PagedDraftModel:

@@ -8,7 +8,7 @@ One engine step of a SimSD request = one SimSD round (reference `reference.simsd
    over the placeholder spec tokens the scheduler reserved.
 2. `_prepare_inputs`: vLLM builds positions / slots; we then give the mask copies their data
    token's position (RoPE copy; slots unchanged) and publish the reference-token mask layout
-   for the attention (`simsd.attention.CURRENT`).
+   for the attention (`region.CURRENT`).
 3. ONE target forward (vLLM's own).
 4. `_sample`: logits at the copies verify the drafts in position order (`ops.greedy_match` or
    `ops.rejection_sample`); the accepted tokens + the target's token are the step's output.
@@ -28,7 +28,7 @@ from vllm_dllm_spec.denoise import PLACEHOLDER
 from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
 from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.simsd import sampling_probs
-from vllm_dllm_spec.simsd import attention as simsd_attention
+from vllm_dllm_spec import region as region_attention
 from vllm_dllm_spec.simsd.draft import DraftJob, PagedDraftModel, draft_round
 from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
 
@@ -78,7 +78,7 @@ class SimSDModelRunner(DLLMModelRunner):
     # -- set-up ------------------------------------------------------------------------------
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
-        simsd_attention.install_region_attention(self.model)
+        region_attention.install_region_attention(self.model)
         from vllm_dllm_spec.reference.model import SDARModel
 
         path = self.engine_options.get("draft_model") or self.model_config.model
@@ -160,7 +160,7 @@ class SimSDModelRunner(DLLMModelRunner):
     # -- 2. positions (RoPE copy) and the reference-token mask --------------------------------
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         out = super()._prepare_inputs(scheduler_output, *args, **kwargs)
-        simsd_attention.CURRENT = None
+        region_attention.CURRENT = None
         if not self._rounds:
             return out
         qsl = self.query_start_loc.cpu
@@ -186,15 +186,15 @@ class SimSDModelRunner(DLLMModelRunner):
         self.positions[region_index.flatten()] = torch.cat(pos).to(self.positions.dtype)
         mask = ops.ref_token_mask(torch.arange(R + 1) * Q, torch.cat(kinds), torch.cat(steps),
                                   torch.cat(blocks), Q).view(R, Q, Q)
-        slots, valid = simsd_attention.prefix_layout(
+        slots, valid = region_attention.prefix_layout(
             torch.stack([info.job.block_table for info in self._rounds.values()]),
             torch.tensor([info.block_start for info in self._rounds.values()]), self.draft.cbs)
-        simsd_attention.CURRENT = simsd_attention.VerifyLayout(region_index, slots, valid, mask)
+        region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, mask)
         return out
 
     # -- 4. verification ---------------------------------------------------------------------
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
-        simsd_attention.CURRENT = None
+        region_attention.CURRENT = None
         batch = self.input_batch
         num_reqs = batch.num_reqs
         width = 2

@@ -1,10 +1,11 @@
-"""The target's SimSD verification attention on vLLM's paged KV cache (CPU).
+"""Region attention shared by SimSD, PSD (and Spiffy): verify rows with their own mask, on vLLM's
+paged KV cache (CPU).
 
-A verify step feeds each SimSD request `[uncommitted full blocks | data_0 | copies_0 | ...]`.
+A SimSD verify step feeds each request `[uncommitted full blocks | data_0 | copies_0 | ...]`.
 The uncommitted blocks (and every non-SimSD token) go through the project's block-causal path
 (`vllm_dllm_spec.attention`, the CPU kernel). The verify REGION (`data_k | copies_k`, 2KB
 tokens per request, starting at the in-progress block) needs the reference-token mask, which
-the kernel cannot express; `SimSDAttentionImpl.forward` therefore recomputes the region rows,
+the kernel cannot express; `RegionAttentionImpl.forward` therefore recomputes the region rows,
 batched over requests with no per-token Python loop:
 
     keys = [cached prefix (positions < block_start, read from the paged cache, the uncommitted
@@ -51,9 +52,9 @@ def prefix_layout(block_tables: torch.Tensor, block_starts: torch.Tensor, cache_
     return cache_slots(block_tables.long(), prefix, cache_block_size), prefix < block_starts[:, None]
 
 
-class SimSDAttentionImpl(CPUAttentionBackendImpl):
-    """CPU attention impl whose region rows follow the reference-token mask (class swapped in
-    on the target's attention layers by the SimSD runner)."""
+class RegionAttentionImpl(CPUAttentionBackendImpl):
+    """CPU attention impl whose region rows follow the step's region mask (class swapped in on the
+    target's attention layers by the SimSD / PSD runners)."""
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
@@ -62,7 +63,7 @@ class SimSDAttentionImpl(CPUAttentionBackendImpl):
             return out
         if getattr(layer, "isa", "vec") != "vec":
             raise NotImplementedError(
-                f"SimSD verification reads the CPU KV cache in the 'vec' layout, got {layer.isa!r}")
+                f"region attention reads the CPU KV cache in the 'vec' layout, got {layer.isa!r}")
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
         R, Q = lay.region_index.shape
         nb, _, bs, _ = kv_cache.shape
@@ -89,13 +90,13 @@ class SimSDAttentionImpl(CPUAttentionBackendImpl):
 
 
 def install_region_attention(model) -> None:
-    """Swaps `SimSDAttentionImpl` in on every CPU attention layer of the target model."""
+    """Swaps `RegionAttentionImpl` in on every CPU attention layer of the target model."""
     from vllm.model_executor.layers.attention import Attention
 
     n = 0
     for module in model.modules():
         if isinstance(module, Attention) and isinstance(module.impl, CPUAttentionBackendImpl):
-            module.impl.__class__ = SimSDAttentionImpl
+            module.impl.__class__ = RegionAttentionImpl
             n += 1
     if n == 0:
         raise RuntimeError("found no CPU attention layer to install the verify-region attention on")
