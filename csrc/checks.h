@@ -107,4 +107,27 @@ inline std::tuple<int64_t, int64_t, int64_t> check_hier_inputs(const at::Tensor&
   return {R, N, L};
 }
 
+// Returns (num_reqs, max_nodes, max_depth, L).
+inline std::tuple<int64_t, int64_t, int64_t, int64_t> check_graph_inputs(
+    const at::Tensor& nodes, const at::Tensor& next, const at::Tensor& num_nodes,
+    const c10::optional<at::Tensor>& parent) {
+  check_int64(nodes, "node_states", 3);
+  check_int64(next, "next_states", 4);
+  check_int64(num_nodes, "num_nodes", 1);
+  const int64_t R = nodes.size(0), N = nodes.size(1), L = nodes.size(2);
+  TORCH_CHECK(next.size(0) == R && next.size(1) == N + 1 && next.size(3) == L,
+              "next_states must be [num_reqs, max_nodes + 1, max_depth, L] = [", R, ", ", N + 1,
+              ", D, ", L, "], got ", next.sizes());
+  TORCH_CHECK(num_nodes.size(0) == R, "num_nodes must be [num_reqs] = [", R, "]");
+  check_same_device(nodes, next, "next_states");
+  check_same_device(nodes, num_nodes, "num_nodes");
+  if (parent.has_value()) {
+    check_int64(*parent, "parent", 2);
+    TORCH_CHECK(parent->size(0) == R && parent->size(1) == N,
+                "parent must be [num_reqs, max_nodes] = [", R, ", ", N, "], got ", parent->sizes());
+    check_same_device(nodes, *parent, "parent");
+  }
+  return {R, N, next.size(2), L};
+}
+
 }  // namespace dllm_spec

@@ -54,4 +54,31 @@ DLLM_HD int64_t cdf_threshold(int64_t total, double u) {
   return x > 0.0 ? static_cast<int64_t>(x) : 0;
 }
 
+// Spiffy's acceptance walk over one request's draft graph (graph_accept). nodes [N, L] are the
+// verified node states, next [(N + 1), D, L] the real next state of the root (row 0) / node n
+// (row n + 1) when the walk stands on it after d steps, parent [N] (nullptr: no restriction)
+// the only state node n may be entered from (-1 = the root). From the root, step d looks up
+// next[cur + 1][d] among the first nn nodes by exact state equality (smallest index first,
+// parent permitting) and moves there; the walk ends at the first miss or after D steps.
+DLLM_HD void graph_walk(const int64_t* nodes, const int64_t* next, const int64_t* parent,
+                        int64_t nn, int64_t D, int64_t L, int64_t* path_len, int64_t* last) {
+  int64_t cur = -1, len = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t* want = next + ((cur + 1) * D + d) * L;
+    int64_t match = -1;
+    for (int64_t n = 0; n < nn && match < 0; ++n) {
+      if (parent != nullptr && parent[n] != cur) continue;
+      const int64_t* s = nodes + n * L;
+      bool eq = true;
+      for (int64_t j = 0; j < L && eq; ++j) eq = s[j] == want[j];
+      if (eq) match = n;
+    }
+    if (match < 0) break;
+    cur = match;
+    len = d + 1;
+  }
+  *path_len = len;
+  *last = cur;
+}
+
 }  // namespace dllm_spec

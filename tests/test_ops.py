@@ -44,7 +44,7 @@ def test_extension_loads():
         pytest.skip("built with DLLM_SPEC_NO_EXT=1")
     assert ops.HAS_C, ops.C_LOAD_ERROR
     assert ops.BACKEND == ("ref" if ops.FORCE_REF else "csrc")
-    for name in ("ref_token_mask", "greedy_match", "rejection_sample", "hierarchical_accept"):
+    for name in ("ref_token_mask", "greedy_match", "rejection_sample", "hierarchical_accept", "graph_accept"):
         assert ops.has_kernel(name, "cpu"), name
 
 
@@ -378,6 +378,96 @@ def test_hierarchical_accept(device, num_reqs, block, max_nodes, case, tree):
 
 
 # ----------------------------------------------------------------------------------------------
+# 4. graph acceptance
+# ----------------------------------------------------------------------------------------------
+def _graph_inputs(num_reqs, block, max_nodes, depth, case, seed, with_parent=False):
+    """Random verified graphs. Tokens come from a 3-letter alphabet plus the mask, so equal node
+    states (ties) occur; next states point at random nodes (several states may lead to one node:
+    multi-parent DAGs; cycles too, which the walk's D bound ends), else at a fresh state."""
+    g = _gen(seed)
+    alphabet = torch.tensor([5, 6, MASK_ID])
+    nodes = alphabet[torch.randint(0, 3, (num_reqs, max_nodes, block), generator=g)]
+    num_nodes = torch.randint(0, max_nodes + 1, (num_reqs,), generator=g)
+    if case == "full":
+        num_nodes.fill_(max_nodes)
+    if max_nodes >= 2:  # duplicated states: the smallest index must win
+        nodes[:, 1] = nodes[:, 0]
+    nxt = alphabet[torch.randint(0, 3, (num_reqs, max_nodes + 1, depth, block), generator=g)]
+    hit = torch.rand((num_reqs, max_nodes + 1, depth), generator=g) < (0.97 if case == "full" else 0.7)
+    if max_nodes:
+        target = torch.randint(0, max_nodes, (num_reqs, max_nodes + 1, depth), generator=g)
+        pointed = nodes[torch.arange(num_reqs)[:, None, None], target]  # [R, N+1, D, L]
+        nxt = torch.where(hit[..., None], pointed, nxt)  # may point into the padding: never matches
+    parent = None
+    if with_parent:
+        parent = torch.randint(-1, max(max_nodes, 1), (num_reqs, max_nodes), generator=g)
+        parent = torch.minimum(parent, num_nodes[:, None] - 1)  # in [-1, num_nodes)
+    return nodes, nxt, num_nodes, parent
+
+
+def _graph_oracle(nodes, nxt, num_nodes, parent):
+    """Per-request walk, written from the contract in CONTRACTS.md."""
+    lens, lasts = [], []
+    for r in range(nodes.shape[0]):
+        cur, length = -1, 0
+        for d in range(nxt.shape[2]):
+            want = nxt[r, cur + 1, d].tolist()
+            match = next((n for n in range(int(num_nodes[r]))
+                          if nodes[r, n].tolist() == want and (parent is None or int(parent[r, n]) == cur)), None)
+            if match is None:
+                break
+            cur, length = match, d + 1
+        lens.append(length)
+        lasts.append(cur)
+    return torch.tensor(lens, dtype=torch.int64), torch.tensor(lasts, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_reqs", [1, 37])
+@pytest.mark.parametrize("block", [1, 4, 8])
+@pytest.mark.parametrize("max_nodes,depth", [(0, 1), (1, 2), (5, 6), (7, 3)])
+@pytest.mark.parametrize("case", ["random", "full"])
+@pytest.mark.parametrize("with_parent", [False, True], ids=["any", "parent"])
+def test_graph_accept(device, num_reqs, block, max_nodes, depth, case, with_parent):
+    inputs = _graph_inputs(num_reqs, block, max_nodes, depth, case, seed=num_reqs * 7 + block + max_nodes,
+                           with_parent=with_parent)
+    args = [None if t is None else t.to(device) for t in inputs]
+    ref = ops.graph_accept_ref(*args)
+    want = _graph_oracle(*inputs)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ref, want))
+    assert ((ref[0] == 0) == (ref[1] == -1)).all()
+    if ops.HAS_C:
+        out = _compiled("graph_accept", device)(*args)
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert all(torch.equal(a, b) for a, b in zip(ops.graph_accept(*args), ref))
+    if case == "full" and max_nodes >= 2 and not with_parent and num_reqs > 1:
+        assert int(ref[0].max()) >= 2  # the generator does produce multi-step walks
+
+
+def test_graph_accept_rules():
+    """Hand-made cases: ties take the smallest index, two states lead to one node (a DAG), the
+    step count selects the next-state column, a parent restriction blocks a jump, zero nodes."""
+    M = MASK_ID
+    nodes = torch.tensor([[[1, M, M], [1, 2, M], [1, 2, M], [1, 2, 3]]])  # node 2 duplicates node 1
+    nxt = torch.full((1, 5, 3, 3), -1)
+    nxt[0, 0, 0] = torch.tensor([1, 2, M])  # root -> node 1 (not its duplicate 2), skipping node 0
+    nxt[0, 1, 1] = torch.tensor([1, 2, 3])  # node 0 would lead to node 3 (a second parent of it)
+    nxt[0, 2, 1] = torch.tensor([1, 2, 3])  # node 1 -> node 3 at step 1
+    nxt[0, 2, 0] = torch.tensor([9, 9, 9])  # step 0 of node 1: never used
+    num = torch.tensor([4])
+    for fn in (ops.graph_accept_ref, ops.graph_accept):
+        assert [t.tolist() for t in fn(nodes, nxt, num)] == [[2], [3]]
+        assert [t.tolist() for t in fn(nodes, nxt, torch.tensor([3]))] == [[1], [1]]  # node 3 padding
+        assert [t.tolist() for t in fn(nodes, nxt[:, :, :1], num)] == [[1], [1]]  # D = 1: one lookup
+        chain = torch.tensor([[-1, 0, 1, 2]])  # PSD: node n entered only from n - 1
+        assert [t.tolist() for t in fn(nodes, nxt, num, chain)] == [[0], [-1]]
+        dag = torch.tensor([[-1, -1, 0, 1]])
+        assert [t.tolist() for t in fn(nodes, nxt, num, dag)] == [[2], [3]]
+        empty = fn(nodes[:, :0], nxt[:, :1], torch.tensor([0]))
+        assert [t.tolist() for t in empty] == [[0], [-1]]
+
+
+# ----------------------------------------------------------------------------------------------
 # opcheck, input validation, fallback
 # ----------------------------------------------------------------------------------------------
 def _opcheck_cases():
@@ -391,6 +481,8 @@ def _opcheck_cases():
         ("greedy_match", (draft, nd, target, nt)),
         ("rejection_sample", _rejection_inputs(6, 4, 9, "random", torch.float32, seed=5)),
         ("hierarchical_accept", (*_hier_inputs(6, 8, 4, "random", True, seed=9), MASK_ID)),
+        ("graph_accept", _graph_inputs(6, 4, 5, 4, "full", seed=2)),
+        ("graph_accept", _graph_inputs(6, 4, 5, 4, "random", seed=3, with_parent=True)),
     ]
 
 
@@ -416,6 +508,14 @@ def test_invalid_inputs_raise():
     parent[0, 1] = 1  # not < i
     with pytest.raises(RuntimeError, match="parent"):
         torch.ops.dllm_spec.hierarchical_accept(base, nodes, parent, nn, ver, MASK_ID)
+    nodes, nxt, nn, parent = _graph_inputs(2, 4, 3, 2, "full", seed=0, with_parent=True)
+    with pytest.raises(RuntimeError, match="next_states must be"):
+        torch.ops.dllm_spec.graph_accept(nodes, nxt[:, :3], nn, parent)
+    with pytest.raises(RuntimeError, match=r"num_nodes\[1\] = 4"):
+        torch.ops.dllm_spec.graph_accept(nodes, nxt, torch.tensor([3, 4]), parent)
+    parent[0, 0] = 3  # not a state of the request (num_nodes = 3)
+    with pytest.raises(RuntimeError, match=r"parent\[0, 0\] = 3"):
+        torch.ops.dllm_spec.graph_accept(nodes, nxt, nn, parent)
 
 
 def test_fallback_without_extension():

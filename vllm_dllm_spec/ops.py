@@ -77,6 +77,10 @@ if HAS_C:
         shape = num_nodes.shape
         return num_nodes.new_empty(shape), num_nodes.new_empty(shape), num_nodes.new_empty(shape)
 
+    @torch.library.register_fake("dllm_spec::graph_accept")
+    def _graph_accept_fake(node_states, next_states, num_nodes, parent):
+        return num_nodes.new_empty(num_nodes.shape), num_nodes.new_empty(num_nodes.shape)
+
 
 # ----------------------------------------------------------------------------------------------
 # 1. SimSD reference-token mask
@@ -316,9 +320,58 @@ def hierarchical_accept(base_tokens: torch.Tensor, node_tokens: torch.Tensor,
     return hierarchical_accept_ref(*args)
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. Graph acceptance (Spiffy: draft states looked up by exact state equality; PSD: a chain)
+# ----------------------------------------------------------------------------------------------
+def graph_accept_ref(node_states: torch.Tensor, next_states: torch.Tensor, num_nodes: torch.Tensor,
+                     parent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accepted path through a verified draft graph, batched over requests.
+
+    node_states [num_reqs, N, L]: the drafted block states that were verified (node n);
+    next_states [num_reqs, N + 1, D, L]: the real next state (the policy on the state's own
+    verified logits) of the root (row 0) and of node n (row n + 1) when the walk stands on it
+    after d steps (the step count picks the per-step unmask count); num_nodes [num_reqs];
+    parent [num_reqs, N] or None: node n may be entered only from state parent[n] (-1 = the
+    root), None = from any state. From the root, step d = 0, 1, .. looks up
+    next_states[cur + 1, d] among the first num_nodes nodes by exact equality of all L tokens
+    (smallest index on ties, parent permitting) and moves there; the walk stops at the first
+    miss or after D steps. -> path_len [num_reqs] (nodes walked), last_node [num_reqs] (the
+    node the walk ends on, -1 = the root).
+    """
+    R, N, L = node_states.shape
+    D = next_states.shape[2]
+    dev = node_states.device
+    length = num_nodes.new_zeros(R)  # [R]
+    cur = length - 1  # [R] -1 = the root
+    if N == 0 or D == 0:
+        return length, cur
+    eq = (next_states[:, :, :, None, :] == node_states[:, None, None, :, :]).all(-1)  # [R, N+1, D, N]
+    eq &= (torch.arange(N, device=dev)[None, :] < num_nodes[:, None])[:, None, None, :]
+    if parent is not None:
+        source = torch.arange(-1, N, device=dev)  # [N + 1] the state of each next_states row
+        eq &= (parent[:, None, :] == source[None, :, None])[:, :, None, :]
+    succ = torch.where(eq.any(-1), eq.long().argmax(-1), -1)  # [R, N+1, D] first match, -1 none
+    rows = torch.arange(R, device=dev)
+    alive = torch.ones(R, dtype=torch.bool, device=dev)
+    for d in range(D):  # a loop over walk steps (<= D), batched over requests
+        nxt = succ[rows, cur + 1, d]  # [R]
+        alive &= nxt >= 0
+        cur = torch.where(alive, nxt, cur)
+        length = torch.where(alive, d + 1, length)
+    return length, cur
+
+
+def graph_accept(node_states: torch.Tensor, next_states: torch.Tensor, num_nodes: torch.Tensor,
+                 parent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `graph_accept_ref`. (path_len [num_reqs], last_node [num_reqs]), int64."""
+    if _use_c("graph_accept", node_states):
+        return torch.ops.dllm_spec.graph_accept(node_states, next_states, num_nodes, parent)
+    return graph_accept_ref(node_states, next_states, num_nodes, parent)
+
+
 __all__ = [
     "BACKEND", "C_LOAD_ERROR", "HAS_C", "KIND_DATA", "KIND_MASK", "PROB_SCALE", "chain_parents",
-    "expand_with_prefix", "greedy_match", "greedy_match_ref", "has_kernel", "hierarchical_accept",
+    "expand_with_prefix", "graph_accept", "graph_accept_ref", "greedy_match", "greedy_match_ref", "has_kernel", "hierarchical_accept",
     "hierarchical_accept_ref", "ref_token_mask", "ref_token_mask_ref", "rejection_sample",
     "rejection_sample_ref", "sample_quantized_ref", "simsd_layout",
 ]

@@ -246,6 +246,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_accept_cpu(
   return {out_node, out_depth, out_new};
 }
 
+std::tuple<at::Tensor, at::Tensor> graph_accept_cpu(const at::Tensor& node_states,
+                                                    const at::Tensor& next_states,
+                                                    const at::Tensor& num_nodes,
+                                                    const c10::optional<at::Tensor>& parent) {
+  const auto [R, N, D, L] = check_graph_inputs(node_states, next_states, num_nodes, parent);
+  const auto nodes_c = node_states.contiguous(), next_c = next_states.contiguous();
+  const auto nn_c = num_nodes.contiguous();
+  const at::Tensor par_c = parent.has_value() ? parent->contiguous() : at::Tensor();
+  const int64_t *nodes = nodes_c.data_ptr<int64_t>(), *next = next_c.data_ptr<int64_t>();
+  const int64_t* nn = nn_c.data_ptr<int64_t>();
+  const int64_t* par = par_c.defined() ? par_c.data_ptr<int64_t>() : nullptr;
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(nn[r] >= 0 && nn[r] <= N, "num_nodes[", r, "] = ", nn[r], " outside [0, ", N, "]");
+    for (int64_t i = 0; par != nullptr && i < nn[r]; ++i) {
+      const int64_t p = par[r * N + i];
+      TORCH_CHECK(p >= -1 && p < nn[r], "parent[", r, ", ", i, "] = ", p, " must be in [-1, ",
+                  nn[r] - 1, "]");
+    }
+  }
+  auto path_len = at::empty({R}, num_nodes.options());   // [num_reqs]
+  auto last_node = at::empty({R}, num_nodes.options());  // [num_reqs]
+  int64_t *pl = path_len.data_ptr<int64_t>(), *ln = last_node.data_ptr<int64_t>();
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      graph_walk(nodes + r * N * L, next + r * (N + 1) * D * L, par == nullptr ? nullptr : par + r * N,
+                 nn[r], D, L, pl + r, ln + r);
+    }
+  });
+  return {path_len, last_node};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dllm_spec, CPU, m) {
@@ -253,6 +284,7 @@ TORCH_LIBRARY_IMPL(dllm_spec, CPU, m) {
   m.impl("greedy_match", &greedy_match_cpu);
   m.impl("rejection_sample", &rejection_sample_cpu);
   m.impl("hierarchical_accept", &hierarchical_accept_cpu);
+  m.impl("graph_accept", &graph_accept_cpu);
 }
 
 }  // namespace dllm_spec
