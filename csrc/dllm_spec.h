@@ -60,9 +60,11 @@ DLLM_HD int64_t cdf_threshold(int64_t total, double u) {
 // the only state node n may be entered from (-1 = the root). From the root, step d looks up
 // next[cur + 1][d] among the first nn nodes by exact state equality (smallest index first,
 // parent permitting) and moves there; the walk ends at the first miss or after D steps.
-DLLM_HD void graph_walk(const int64_t* nodes, const int64_t* next, const int64_t* parent,
-                        int64_t nn, int64_t D, int64_t L, int64_t* path_len, int64_t* last) {
+// Writes the nodes entered, path [D] (-1 after the end), and returns their number.
+DLLM_HD int64_t graph_walk(const int64_t* nodes, const int64_t* next, const int64_t* parent,
+                           int64_t nn, int64_t D, int64_t L, int64_t* path) {
   int64_t cur = -1, len = 0;
+  for (int64_t d = 0; d < D; ++d) path[d] = -1;
   for (int64_t d = 0; d < D; ++d) {
     const int64_t* want = next + ((cur + 1) * D + d) * L;
     int64_t match = -1;
@@ -75,10 +77,10 @@ DLLM_HD void graph_walk(const int64_t* nodes, const int64_t* next, const int64_t
     }
     if (match < 0) break;
     cur = match;
+    path[d] = match;
     len = d + 1;
   }
-  *path_len = len;
-  *last = cur;
+  return len;
 }
 
 }  // namespace dllm_spec

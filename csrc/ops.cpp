@@ -34,7 +34,7 @@ TORCH_LIBRARY(dllm_spec, m) {
   m.def("hierarchical_accept(Tensor base_tokens, Tensor node_tokens, Tensor parent, "
         "Tensor num_nodes, Tensor verify_tokens, int mask_id) -> (Tensor, Tensor, Tensor)");
   // node_states [num_reqs, N, L], next_states [num_reqs, N + 1, D, L], num_nodes [num_reqs],
-  // parent [num_reqs, N] or None (int64) -> (path_len [num_reqs], last_node [num_reqs])
+  // parent [num_reqs, N] or None (int64) -> (path_len [num_reqs], path [num_reqs, D])
   m.def("graph_accept(Tensor node_states, Tensor next_states, Tensor num_nodes, Tensor? parent) "
         "-> (Tensor, Tensor)");
 }

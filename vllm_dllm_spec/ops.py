@@ -79,7 +79,7 @@ if HAS_C:
 
     @torch.library.register_fake("dllm_spec::graph_accept")
     def _graph_accept_fake(node_states, next_states, num_nodes, parent):
-        return num_nodes.new_empty(num_nodes.shape), num_nodes.new_empty(num_nodes.shape)
+        return num_nodes.new_empty(num_nodes.shape), num_nodes.new_empty((num_nodes.shape[0], next_states.shape[2]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,16 +335,16 @@ def graph_accept_ref(node_states: torch.Tensor, next_states: torch.Tensor, num_n
     root), None = from any state. From the root, step d = 0, 1, .. looks up
     next_states[cur + 1, d] among the first num_nodes nodes by exact equality of all L tokens
     (smallest index on ties, parent permitting) and moves there; the walk stops at the first
-    miss or after D steps. -> path_len [num_reqs] (nodes walked), last_node [num_reqs] (the
-    node the walk ends on, -1 = the root).
+    miss or after D steps. -> path_len [num_reqs] (nodes walked), path [num_reqs, D] (the node
+    entered at step d, -1 from path_len on; the walk ends on path[path_len - 1], or the root).
     """
     R, N, L = node_states.shape
     D = next_states.shape[2]
     dev = node_states.device
     length = num_nodes.new_zeros(R)  # [R]
-    cur = length - 1  # [R] -1 = the root
+    path = num_nodes.new_full((R, D), -1)  # [R, D]
     if N == 0 or D == 0:
-        return length, cur
+        return length, path
     eq = (next_states[:, :, :, None, :] == node_states[:, None, None, :, :]).all(-1)  # [R, N+1, D, N]
     eq &= (torch.arange(N, device=dev)[None, :] < num_nodes[:, None])[:, None, None, :]
     if parent is not None:
@@ -352,18 +352,20 @@ def graph_accept_ref(node_states: torch.Tensor, next_states: torch.Tensor, num_n
         eq &= (parent[:, None, :] == source[None, :, None])[:, :, None, :]
     succ = torch.where(eq.any(-1), eq.long().argmax(-1), -1)  # [R, N+1, D] first match, -1 none
     rows = torch.arange(R, device=dev)
+    cur = length - 1  # [R] -1 = the root
     alive = torch.ones(R, dtype=torch.bool, device=dev)
     for d in range(D):  # a loop over walk steps (<= D), batched over requests
         nxt = succ[rows, cur + 1, d]  # [R]
         alive &= nxt >= 0
         cur = torch.where(alive, nxt, cur)
+        path[:, d] = torch.where(alive, nxt, -1)
         length = torch.where(alive, d + 1, length)
-    return length, cur
+    return length, path
 
 
 def graph_accept(node_states: torch.Tensor, next_states: torch.Tensor, num_nodes: torch.Tensor,
                  parent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """See `graph_accept_ref`. (path_len [num_reqs], last_node [num_reqs]), int64."""
+    """See `graph_accept_ref`. (path_len [num_reqs], path [num_reqs, D]), int64."""
     if _use_c("graph_accept", node_states):
         return torch.ops.dllm_spec.graph_accept(node_states, next_states, num_nodes, parent)
     return graph_accept_ref(node_states, next_states, num_nodes, parent)

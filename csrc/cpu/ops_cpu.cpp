@@ -265,16 +265,16 @@ std::tuple<at::Tensor, at::Tensor> graph_accept_cpu(const at::Tensor& node_state
                   nn[r] - 1, "]");
     }
   }
-  auto path_len = at::empty({R}, num_nodes.options());   // [num_reqs]
-  auto last_node = at::empty({R}, num_nodes.options());  // [num_reqs]
-  int64_t *pl = path_len.data_ptr<int64_t>(), *ln = last_node.data_ptr<int64_t>();
+  auto path_len = at::empty({R}, num_nodes.options());  // [num_reqs]
+  auto path = at::empty({R, D}, num_nodes.options());   // [num_reqs, D]
+  int64_t *pl = path_len.data_ptr<int64_t>(), *pa = path.data_ptr<int64_t>();
   at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      graph_walk(nodes + r * N * L, next + r * (N + 1) * D * L, par == nullptr ? nullptr : par + r * N,
-                 nn[r], D, L, pl + r, ln + r);
+      pl[r] = graph_walk(nodes + r * N * L, next + r * (N + 1) * D * L,
+                         par == nullptr ? nullptr : par + r * N, nn[r], D, L, pa + r * D);
     }
   });
-  return {path_len, last_node};
+  return {path_len, path};
 }
 
 }  // namespace

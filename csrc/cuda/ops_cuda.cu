@@ -301,14 +301,14 @@ __global__ void graph_accept_kernel(const int64_t* __restrict__ nodes,
                                     const int64_t* __restrict__ num_nodes,
                                     const int64_t* __restrict__ parent, int64_t R, int64_t N,
                                     int64_t D, int64_t L, int64_t* __restrict__ path_len,
-                                    int64_t* __restrict__ last_node) {
+                                    int64_t* __restrict__ path) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= R) return;
   const int64_t nn = min(max(num_nodes[r], int64_t(0)), N);
   // an out-of-contract parent (outside [-1, nn)) never equals the walk's current state: the
   // node is simply unreachable, memory stays safe
-  graph_walk(nodes + r * N * L, next + r * (N + 1) * D * L,
-             parent == nullptr ? nullptr : parent + r * N, nn, D, L, path_len + r, last_node + r);
+  path_len[r] = graph_walk(nodes + r * N * L, next + r * (N + 1) * D * L,
+                           parent == nullptr ? nullptr : parent + r * N, nn, D, L, path + r * D);
 }
 
 std::tuple<at::Tensor, at::Tensor> graph_accept_cuda(const at::Tensor& node_states,
@@ -320,16 +320,16 @@ std::tuple<at::Tensor, at::Tensor> graph_accept_cuda(const at::Tensor& node_stat
   const auto nodes = node_states.contiguous(), next = next_states.contiguous();
   const auto nn = num_nodes.contiguous();
   const at::Tensor par = parent.has_value() ? parent->contiguous() : at::Tensor();
-  auto path_len = at::empty({R}, num_nodes.options());   // [num_reqs]
-  auto last_node = at::empty({R}, num_nodes.options());  // [num_reqs]
-  if (R == 0) return {path_len, last_node};
+  auto path_len = at::empty({R}, num_nodes.options());  // [num_reqs]
+  auto path = at::empty({R, D}, num_nodes.options());   // [num_reqs, D]
+  if (R == 0) return {path_len, path};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   graph_accept_kernel<<<ceil_div(R, kThreads), kThreads, 0, stream>>>(
       nodes.data_ptr<int64_t>(), next.data_ptr<int64_t>(), nn.data_ptr<int64_t>(),
       par.defined() ? par.data_ptr<int64_t>() : nullptr, R, N, D, L,
-      path_len.data_ptr<int64_t>(), last_node.data_ptr<int64_t>());
+      path_len.data_ptr<int64_t>(), path.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {path_len, last_node};
+  return {path_len, path};
 }
 
 }  // namespace
