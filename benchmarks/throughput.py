@@ -13,15 +13,22 @@ share an engine and differ by per-request `extra_args`). Methods:
   simsd_self  SimSD, the target drafts for itself (draft: dynamic 0.85), greedy_match
   simsd       SimSD with the bundled draft model (when there is one)
   psd         PSD-style self-speculation, dynamic 0.85, draft depth 3 (lossless: dynamic's tokens)
+  vllm_ar     the same weights served by vLLM itself as an autoregressive Qwen3 model (no plugin
+              code on the path: a copy of the checkpoint whose config says Qwen3ForCausalLM):
+              what ordinary vLLM serving costs. The tiny model was not trained autoregressively,
+              so only its speed compares (fixed length, ignore_eos)
 Reported per (method, block, batch): output tokens/s, tokens per (target) forward, mean
 forwards per request, tokens finalised per step, draft forwards and accepted tokens per round
 (SimSD), and the tokens/s ratios against `dynamic` and `ar` of the same block and batch
-(measured in the same run, runs interleaved). Writes JSON and a PNG plot.
+and `vllm_ar` (measured in the same run, runs interleaved). Writes JSON and a PNG plot.
 """
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,11 +65,27 @@ def speculative_methods(block: int, draft_dir: str | None) -> dict[str, dict]:
     return table
 
 
-def make_llm(model_dir: str, max_batch: int, options: dict | None = None):
+def make_llm(model_dir: str, max_batch: int, options: dict | None = None, plugin: bool = True):
     from vllm import LLM
 
+    extra = {"additional_config": {"dllm_spec": options or {}}} if plugin else {}
     return LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=512,
-               max_num_seqs=max_batch, seed=0, additional_config={"dllm_spec": options or {}})
+               max_num_seqs=max_batch, seed=0, **extra)
+
+
+def as_qwen3_checkpoint(model_dir: str) -> str:
+    """A copy of an SDAR checkpoint that vLLM serves as a plain Qwen3 model (weight names are 1:1;
+    the plugin's hooks key on the SDAR architectures, so none of its code runs for this copy)."""
+    out = Path(tempfile.mkdtemp(prefix="sdar_as_qwen3_"))
+    for item in Path(model_dir).iterdir():
+        if item.is_file() and not item.name.endswith(".py"):
+            shutil.copy(item, out / item.name)
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("auto_map", "block_size", "mask_token_id"):
+        cfg.pop(key, None)
+    cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return str(out)
 
 
 def run_batch(llm, prompts, gen_length: int, extra_args: dict) -> dict:
@@ -72,8 +95,10 @@ def run_batch(llm, prompts, gen_length: int, extra_args: dict) -> dict:
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    records = [o.kv_transfer_params["dllm_spec"] for o in outs]
-    return {"seconds": seconds, "tokens": [len(o.outputs[0].token_ids) for o in outs],
+    tokens = [len(o.outputs[0].token_ids) for o in outs]
+    # vLLM's own autoregressive path reports nothing: one forward per token
+    records = [(o.kv_transfer_params or {}).get("dllm_spec", {"num_forwards": n}) for o, n in zip(outs, tokens)]
+    return {"seconds": seconds, "tokens": tokens,
             "forwards": [r["num_forwards"] for r in records],
             "draft_forwards": [r.get("draft_forwards", 0) for r in records],
             "accepted": [a for r in records for a in r.get("accepted_per_round", [])]}
@@ -131,7 +156,8 @@ def main(argv=None) -> dict:
     all_prompts = common.prompts(model_dir, max(preset["batches"]))
     max_batch = max(preset["batches"])
     results = []
-    per_block = len(methods(4)) + len(speculative_methods(4, draft_dir))
+    per_block = len(methods(4)) + len(speculative_methods(4, draft_dir)) + 1  # + vllm_ar
+    qwen3_dir = as_qwen3_checkpoint(model_dir)
     bar = tqdm(total=len(preset["blocks"]) * per_block * len(preset["batches"]) * preset["reps"],
                desc="throughput", unit="run")
     for block in preset["blocks"]:
@@ -143,6 +169,8 @@ def main(argv=None) -> dict:
         for name, options in speculative_methods(block, draft_dir).items():
             engines[name] = make_llm(target, max_batch, options)
             runs_of[name] = (name, {})
+        engines["vllm_ar"] = make_llm(qwen3_dir, max_batch, plugin=False)
+        runs_of["vllm_ar"] = ("vllm_ar", {})
         for llm in engines.values():
             run_batch(llm, all_prompts[:2], 8, {})  # warm-up
         for batch in preset["batches"]:
@@ -152,7 +180,7 @@ def main(argv=None) -> dict:
                     runs[name].append(run_batch(engines[engine], all_prompts[:batch], preset["gen_length"], extra))
                     bar.update()
             for name, (engine, extra) in runs_of.items():
-                knobs = extra or speculative_methods(block, draft_dir)[name]
+                knobs = extra or speculative_methods(block, draft_dir).get(name, {"plugin": False})
                 results.append({"method": name, "block": block, "batch": batch, "knobs": knobs,
                                 **summarize(runs[name])})
         for llm in engines.values():
@@ -162,6 +190,7 @@ def main(argv=None) -> dict:
         same = {x["method"]: x for x in results if x["block"] == r["block"] and x["batch"] == r["batch"]}
         r["ratio_vs_dynamic"] = r["tokens_per_s"] / same["dynamic"]["tokens_per_s"]
         r["ratio_vs_ar"] = r["tokens_per_s"] / same["ar"]["tokens_per_s"]
+        r["ratio_vs_vllm_ar"] = r["tokens_per_s"] / same["vllm_ar"]["tokens_per_s"]
 
     path = common.write_json("throughput", {"preset": args.preset, "model": model_dir,
                                             "gen_length": preset["gen_length"], "results": results}, args.out)

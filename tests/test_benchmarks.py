@@ -26,17 +26,20 @@ def test_throughput_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
     data = json.loads(out.read_text())
     assert data["machine"]["cores"] >= 1
     rows = data["results"]
-    assert {r["method"] for r in rows} == {"ar", "static", "dynamic", "entropy", "simsd", "simsd_self", "psd"}
+    assert {r["method"] for r in rows} == {"ar", "static", "dynamic", "entropy", "simsd", "simsd_self", "psd",
+                                           "vllm_ar"}
     for r in rows:
         same = {x["method"]: x for x in rows if x["block"] == r["block"] and x["batch"] == r["batch"]}
         assert r["ratio_vs_ar"] == pytest.approx(r["tokens_per_s"] / same["ar"]["tokens_per_s"])
         assert r["ratio_vs_dynamic"] == pytest.approx(r["tokens_per_s"] / same["dynamic"]["tokens_per_s"])
+        assert r["ratio_vs_vllm_ar"] == pytest.approx(r["tokens_per_s"] / same["vllm_ar"]["tokens_per_s"])
         assert r["output_tokens"] == 16 * r["batch"]
         assert r["tokens_per_forward"] > 0 and r["mean_forwards_per_request"] > 0
     ar = [r for r in rows if r["method"] == "ar"]
     static = [r for r in rows if r["method"] == "static"]
     # forward accounting: one token per forward for ar; static (B/2 steps) halves the forwards
     assert all(r["tokens_per_forward"] <= 1.0 for r in ar)
+    assert all(r["tokens_per_forward"] == 1.0 for r in rows if r["method"] == "vllm_ar")
     assert all(s["tokens_per_forward"] > a["tokens_per_forward"] for s, a in zip(static, ar))
     for r in rows:  # SimSD rows carry the draft's cost and the acceptance
         speculative = r["method"].startswith("simsd")
