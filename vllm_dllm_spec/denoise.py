@@ -229,19 +229,23 @@ class BlockDiffusionProposer:
         flat_col = np.arange(T) - starts[flat_row] + (B - nd)[flat_row]  # [T]
         fr, fc = torch.from_numpy(flat_row), torch.from_numpy(flat_col)
         block = torch.full((R, B), -2, dtype=torch.int64)  # -2: a prompt column (not a mask)
-        block[fr, fc] = draft_token_ids.long()
+        block[fr, fc] = draft_token_ids.long().cpu()
 
         greedy = np.array([st.knobs.temperature == 0.0 for st in states])  # [R]
         need_entropy = any(st.strategy == ENTROPY for st in states)
+        # the [T, V] reductions run on the logits' device (a GPU on CUDA); only the [T] results
+        # come to the host for the per-request bookkeeping
+        dev = draft_logits.device
         if greedy.all():
-            token, conf, ent = predict_greedy(draft_logits, need_entropy)
+            token, conf, ent = (t.cpu() for t in predict_greedy(draft_logits, need_entropy))
         else:
             token = torch.zeros(T, dtype=torch.int64)
             conf = torch.zeros(T, dtype=torch.float32)
             ent = torch.zeros(T, dtype=torch.float32)
             g_flat = torch.from_numpy(greedy[flat_row])  # [T]
             if bool(g_flat.any()):
-                token[g_flat], conf[g_flat], ent[g_flat] = predict_greedy(draft_logits[g_flat], need_entropy)
+                token[g_flat], conf[g_flat], ent[g_flat] = (
+                    t.cpu() for t in predict_greedy(draft_logits[g_flat.to(dev)], need_entropy))
             for j, st in enumerate(states):  # sampled requests: one call each (per-request knobs)
                 if not greedy[j]:
                     # sample all B rows of the block like the reference does (prompt columns get
@@ -251,7 +255,7 @@ class BlockDiffusionProposer:
                     rows_logits = draft_logits.new_zeros((B, draft_logits.shape[1]))  # [B, V]
                     rows_logits[B - d:] = draft_logits[sl]
                     t, c, e = predict_sampled(rows_logits, st.knobs, generators.get(rows[j]))
-                    token[sl], conf[sl], ent[sl] = t[B - d:], c[B - d:], e[B - d:]
+                    token[sl], conf[sl], ent[sl] = t[B - d:].cpu(), c[B - d:].cpu(), e[B - d:].cpu()
         tok2 = torch.zeros((R, B), dtype=torch.int64)  # [R, B]
         conf2 = torch.zeros((R, B), dtype=torch.float32)
         ent2 = torch.zeros((R, B), dtype=torch.float32)
@@ -305,7 +309,8 @@ class BlockDiffusionProposer:
         want = torch.tensor([st.num_logprobs is not None for st in states])  # [R]
         k = max(st.num_logprobs for st in states if st.num_logprobs is not None)
         flat = want[fr]  # [T] draft rows of requests that asked
-        ids, values, ranks = gather(draft_logits[flat], token[flat], k)
+        dev = draft_logits.device
+        ids, values, ranks = (t.cpu() for t in gather(draft_logits[flat.to(dev)], token[flat].to(dev), k))
         R = len(states)
         g_ids = torch.zeros((R, B, k + 1), dtype=torch.int64)
         g_values = torch.zeros((R, B, k + 1), dtype=torch.float32)

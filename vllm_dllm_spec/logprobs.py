@@ -25,7 +25,7 @@ def gather(logits: torch.Tensor, tokens: torch.Tensor, k: int):
     """logits [T, V] (mask token already -inf), tokens [T] -> ids [T, k + 1] int64,
     logprobs [T, k + 1] float32, ranks [T] int64."""
     lp = logits.float().log_softmax(-1)  # [T, V]
-    tokens = tokens.long()[:, None]  # [T, 1]
+    tokens = tokens.to(lp.device, torch.long)[:, None]  # [T, 1]
     token_lp = lp.gather(-1, tokens)  # [T, 1]
     ranks = (lp >= token_lp).sum(-1)  # [T]
     top_lp, top_ids = lp.topk(k, dim=-1)  # [T, k]

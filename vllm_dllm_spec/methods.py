@@ -20,6 +20,7 @@ class MethodPlan(NamedTuple):
     num_speculative_tokens: int  # spec-token slots a request may use in one step, counted from
     # the start of its in-progress block (its "step span", see max_total_tokens)
     options: dict  # method-specific normalized knobs, merged into additional_config["dllm_spec"]
+    gpu_worker_cls: str | None = None  # the worker on CUDA (None: the method runs on CPU only)
 
 
 def max_total_tokens(max_model_len: int, block_length: int, step_span: int) -> int:
@@ -40,7 +41,8 @@ class BlockDiffusion:
 
     def plan(self, cfg, model_block: int, hf_config) -> MethodPlan:
         return MethodPlan("vllm_dllm_spec.scheduler.BlockDiffusionScheduler",
-                          "vllm_dllm_spec.worker.DLLMWorker", model_block, {})
+                          "vllm_dllm_spec.worker.DLLMWorker", model_block, {},
+                          "vllm_dllm_spec.worker.DLLMGPUWorker")
 
 
 METHOD_REGISTRY: dict[str, str] = {

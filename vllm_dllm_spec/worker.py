@@ -1,6 +1,10 @@
-"""Worker and model-runner subclasses for SDAR block diffusion (CPU platform).
+"""Worker and model-runner subclasses for SDAR block diffusion (CPU and CUDA platforms).
 
-The runner keeps vLLM's input preparation, forward and bookkeeping. It replaces only:
+The runner logic is one mixin, `DLLMRunnerMixin`, over vLLM's V1 runner of each platform:
+`DLLMModelRunner` (CPU, over `CPUModelRunner`) and `DLLMGPUModelRunner` (CUDA, over
+`GPUModelRunner`; custom_class speculation keeps vLLM on its V1 runner). Workers:
+`DLLMWorker` (CPU) and `DLLMGPUWorker` (CUDA); a method's worker names its runner in
+`runner_cls`. The runner keeps vLLM's input preparation, forward and bookkeeping. It replaces only:
 - `_sample`: instead of the AR sampler / rejection sampler, one denoising step of every
   in-progress block, from the logits AT the draft positions (SDAR predicts a masked position
   from its own logits: no AR shift). A finished block is returned as the step's sampled tokens
@@ -14,13 +18,17 @@ import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_dllm_spec.denoise import PLACEHOLDER, BlockDiffusionProposer
 from vllm_dllm_spec.logprobs import step_logprobs
 from vllm_dllm_spec.vllm_hooks import VALIDATOR_CLS
 
 
-class DLLMModelRunner(CPUModelRunner):
+class DLLMRunnerMixin:
+    """Block diffusion's runner hooks; mixed in before a vLLM runner class (CPU or GPU)."""
+
     drafter: BlockDiffusionProposer
 
     def __init__(self, vllm_config, device):
@@ -71,9 +79,10 @@ class DLLMModelRunner(CPUModelRunner):
             draft_logits,
             batch.generators,
         )  # [num_reqs, B]
-        # one spare column keeps vLLM on its multi-token (rejection-sampler) output path
+        # one spare column keeps vLLM on its multi-token (rejection-sampler) output path; the
+        # result lives where vLLM's own sampler would put it (the logits' device)
         pad = torch.full((num_reqs, 1), PLACEHOLDER, dtype=finished.dtype)
-        sampled = torch.cat([finished, pad], dim=1).to(torch.int32)  # [num_reqs, B + 1]
+        sampled = torch.cat([finished, pad], dim=1).to(logits.device, torch.int32)  # [num_reqs, B + 1]
         assert sampled.shape[1] == B + 1
         grid = step_logprobs([self.requests[r].sampling_params for r in req_ids], self.drafter.vocab_size, B + 1)
         if grid is not None:  # a finished block's tokens sit in its last columns (denoise's `out`)
@@ -91,6 +100,14 @@ class DLLMModelRunner(CPUModelRunner):
         return self.drafter.propose(sampled_token_ids)
 
 
+class DLLMModelRunner(DLLMRunnerMixin, CPUModelRunner):
+    pass
+
+
+class DLLMGPUModelRunner(DLLMRunnerMixin, GPUModelRunner):
+    pass
+
+
 class DLLMWorker(CPUWorker):
     runner_cls = DLLMModelRunner  # a method's worker subclass names its runner here
 
@@ -105,3 +122,12 @@ class DLLMWorker(CPUWorker):
         finally:
             model_config.logits_processors = saved
         self.model_runner = self.runner_cls(self.vllm_config, torch.device("cpu"))
+
+
+class DLLMGPUWorker(Worker):
+    runner_cls = DLLMGPUModelRunner  # a method's GPU worker subclass names its runner here
+
+    def _make_model_runner(self):
+        # vLLM's V1 GPU worker builds its runner here (custom_class speculation forces V1); the
+        # runner's own __init__ leaves out the front-end-only validator
+        return self.runner_cls(self.vllm_config, self.device)

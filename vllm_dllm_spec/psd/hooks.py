@@ -7,6 +7,7 @@ from vllm_dllm_spec.methods import MethodPlan
 # num_speculative_tokens, here the block copies
 SCHEDULER_CLS = "vllm_dllm_spec.scheduler.BlockDiffusionScheduler"
 WORKER_CLS = "vllm_dllm_spec.psd.runner.PSDWorker"
+GPU_WORKER_CLS = "vllm_dllm_spec.psd.runner.PSDGPUWorker"
 
 
 class PSD:
@@ -15,4 +16,4 @@ class PSD:
 
     def plan(self, cfg, model_block: int, hf_config) -> MethodPlan:
         return MethodPlan(SCHEDULER_CLS, WORKER_CLS, cfg.draft_depth * model_block,
-                          {"draft_depth": cfg.draft_depth})
+                          {"draft_depth": cfg.draft_depth}, GPU_WORKER_CLS)

@@ -1,4 +1,5 @@
-"""PSD worker / model runner (CPU platform): subclasses of the block-diffusion ones.
+"""PSD worker / model runner: `PSDRunnerMixin` over the block-diffusion mixin, mixed into a CPU
+runner (`PSDModelRunner`) and a GPU one (`PSDGPUModelRunner`; see vllm_dllm_spec.worker).
 
 Per request the runner keeps its in-progress block S and, once a forward has given the logits
 of S, the chain of states drafted from them (`reference.psd`: the remasking policy applied
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_dllm_spec.config import DenoiseParams
 from vllm_dllm_spec.denoise import PLACEHOLDER, resolve_request_params
@@ -26,7 +29,7 @@ from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
 from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.psd import accepted_depth, draft_chain
 from vllm_dllm_spec import region as region_attention
-from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
+from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker
 
 logger = init_logger("vllm." + __name__)
 
@@ -55,7 +58,7 @@ class StepInfo:
     num_copies: int  # copies that carry a state to evaluate (the rest is padding)
 
 
-class PSDModelRunner(DLLMModelRunner):
+class PSDRunnerMixin(DLLMRunnerMixin):
     def __init__(self, vllm_config, device):
         super().__init__(vllm_config, device)
         hf = vllm_config.model_config.hf_config
@@ -143,12 +146,13 @@ class PSDModelRunner(DLLMModelRunner):
         region_index = starts[:, None] + torch.arange(Q)  # [R, Q]
         block_starts = torch.tensor([s.block_start for s in infos])
         positions = block_starts[:, None] + torch.arange(B).repeat(D)  # [R, Q]: every copy at the block
-        self.positions[region_index.flatten()] = positions.flatten().to(self.positions.dtype)
+        dev = self.positions.device
+        self.positions[region_index.flatten().to(dev)] = positions.flatten().to(dev, self.positions.dtype)
         copy_of = torch.arange(Q) // B
         region_mask = (copy_of[:, None] == copy_of[None, :]).expand(len(infos), Q, Q)  # [R, Q, Q]
         slots, valid = region_attention.prefix_layout(tables[torch.tensor([s.row for s in infos])], block_starts,
                                                       self.cache_config.block_size)
-        region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, region_mask)
+        region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, region_mask).to(dev)
         return out
 
     # -- acceptance and the next chain -------------------------------------------------------
@@ -226,5 +230,17 @@ class PSDModelRunner(DLLMModelRunner):
         return self._next_drafts
 
 
+class PSDModelRunner(PSDRunnerMixin, CPUModelRunner):
+    pass
+
+
+class PSDGPUModelRunner(PSDRunnerMixin, GPUModelRunner):
+    pass
+
+
 class PSDWorker(DLLMWorker):
     runner_cls = PSDModelRunner
+
+
+class PSDGPUWorker(DLLMGPUWorker):
+    runner_cls = PSDGPUModelRunner

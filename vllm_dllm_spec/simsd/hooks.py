@@ -8,6 +8,7 @@ from vllm_dllm_spec.methods import MethodPlan
 
 SCHEDULER_CLS = "vllm_dllm_spec.simsd.scheduler.SimSDScheduler"
 WORKER_CLS = "vllm_dllm_spec.simsd.runner.SimSDWorker"
+GPU_WORKER_CLS = "vllm_dllm_spec.simsd.runner.SimSDGPUWorker"
 
 
 class SimSD:
@@ -42,4 +43,4 @@ def plan_simsd(cfg, model_block: int, hf_config) -> MethodPlan:
         "verification": params.verification,
         "rope_copy": params.rope_copy,
     }
-    return MethodPlan(SCHEDULER_CLS, WORKER_CLS, region, options)
+    return MethodPlan(SCHEDULER_CLS, WORKER_CLS, region, options, GPU_WORKER_CLS)

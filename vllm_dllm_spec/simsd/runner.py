@@ -1,4 +1,5 @@
-"""SimSD worker / model runner (CPU platform): subclasses of the block-diffusion ones.
+"""SimSD worker / model runner: `SimSDRunnerMixin` over the block-diffusion mixin, mixed into a CPU
+runner (`SimSDModelRunner`) and a GPU one (`SimSDGPUModelRunner`; see vllm_dllm_spec.worker).
 
 One engine step of a SimSD request = one SimSD round (reference `reference.simsd`):
 1. `_update_states` (after vLLM's bookkeeping): the DRAFT runs its block diffusion for every
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_dllm_spec import ops
 from vllm_dllm_spec.config import DLLMSpecConfig, SamplingKnobs, SimSDParams
@@ -30,7 +33,7 @@ from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.simsd import sampling_probs
 from vllm_dllm_spec import region as region_attention
 from vllm_dllm_spec.simsd.draft import DraftJob, PagedDraftModel, draft_round
-from vllm_dllm_spec.worker import DLLMModelRunner, DLLMWorker
+from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker
 
 # per-request keys that may override the engine option for one request (the draft's diffusion)
 REQUEST_DRAFT_KNOBS = ("denoising_steps", "remasking_strategy", "confidence_threshold", "eb_threshold")
@@ -61,7 +64,7 @@ class RoundInfo:
     job: DraftJob
 
 
-class SimSDModelRunner(DLLMModelRunner):
+class SimSDRunnerMixin(DLLMRunnerMixin):
     def __init__(self, vllm_config, device):
         super().__init__(vllm_config, device)
         hf = vllm_config.model_config.hf_config
@@ -183,13 +186,14 @@ class SimSDModelRunner(DLLMModelRunner):
             blocks.append(torch.arange(K).repeat_interleave(2 * B))
         R = len(idx)
         region_index = torch.stack(idx)  # [R, Q]
-        self.positions[region_index.flatten()] = torch.cat(pos).to(self.positions.dtype)
+        dev = self.positions.device
+        self.positions[region_index.flatten().to(dev)] = torch.cat(pos).to(dev, self.positions.dtype)
         mask = ops.ref_token_mask(torch.arange(R + 1) * Q, torch.cat(kinds), torch.cat(steps),
                                   torch.cat(blocks), Q).view(R, Q, Q)
         slots, valid = region_attention.prefix_layout(
             torch.stack([info.job.block_table for info in self._rounds.values()]),
             torch.tensor([info.block_start for info in self._rounds.values()]), self.draft.cbs)
-        region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, mask)
+        region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, mask).to(dev)
         return out
 
     # -- 4. verification ---------------------------------------------------------------------
@@ -285,5 +289,17 @@ class SimSDModelRunner(DLLMModelRunner):
         return self._next_drafts
 
 
+class SimSDModelRunner(SimSDRunnerMixin, CPUModelRunner):
+    pass
+
+
+class SimSDGPUModelRunner(SimSDRunnerMixin, GPUModelRunner):
+    pass
+
+
 class SimSDWorker(DLLMWorker):
     runner_cls = SimSDModelRunner
+
+
+class SimSDGPUWorker(DLLMGPUWorker):
+    runner_cls = SimSDGPUModelRunner
