@@ -9,6 +9,7 @@ metadata builder, denoising in the runner / proposer.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -33,15 +34,22 @@ from vllm.platforms import current_platform
 from vllm.transformers_utils.config import set_default_rope_theta
 
 
-def block_attention_backend():
-    if current_platform.is_cpu():
-        from vllm_dllm_spec.attention import BlockCausalCPUAttentionBackend
+def block_attention_backend(head_size: int, cache_config=None):
+    """The block-causal wrapper (`attention.create_block_causal_backend`) of the platform's
+    attention backend: CPU_ATTN on CPU; on CUDA the backend vLLM selects (FLASH_ATTN or
+    TRITON_ATTN; any other is refused, naming these)."""
+    from vllm_dllm_spec.attention import BlockCausalCPUAttentionBackend, create_block_causal_backend
 
+    if current_platform.is_cpu():
         return BlockCausalCPUAttentionBackend
-    raise NotImplementedError(
-        "vllm_dllm_spec: block-causal SDAR attention is implemented for the CPU platform only "
-        "so far (see docs/VLLM_PATH.md)"
-    )
+    if not current_platform.is_cuda():
+        raise NotImplementedError(
+            f"vllm_dllm_spec: SDAR block-causal attention runs on the CPU and CUDA platforms, "
+            f"not on {current_platform.device_name!r}")
+    from vllm.v1.attention.selector import get_attn_backend
+
+    kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else "auto"
+    return create_block_causal_backend(get_attn_backend(head_size, torch.get_default_dtype(), kv_cache_dtype))
 
 
 class SDARAttention(Qwen3Attention):
@@ -86,7 +94,7 @@ class SDARAttention(Qwen3Attention):
         self.attn = Attention(
             self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
             cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
-            attn_backend=block_attention_backend(),
+            attn_backend=block_attention_backend(self.head_dim, cache_config),
         )
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)

@@ -20,6 +20,7 @@ What `install()` does (called by the plugin's `register()` in every vLLM process
 from __future__ import annotations
 
 import logging
+import math
 
 logger = logging.getLogger("vllm.vllm_dllm_spec.vllm_hooks")
 
@@ -97,7 +98,7 @@ def configure(vllm_config) -> None:
 
     plan = get_method(cfg.method).plan(cfg, model_block, hf)
     additional["dllm_spec"].update(plan.options)
-    scheduler_cls, worker_cls, num_spec = plan.scheduler_cls, plan.worker_cls, plan.num_speculative_tokens
+    scheduler_cls, num_spec = plan.scheduler_cls, plan.num_speculative_tokens
     room = max_total_tokens(model_config.max_model_len, model_block, num_spec)
     if room < 2:  # not even a 1-token prompt and 1 output token
         raise ValueError(
@@ -107,11 +108,7 @@ def configure(vllm_config) -> None:
     additional[ROOM_KEY] = room
     vllm_config.additional_config = additional
 
-    if not current_platform.is_cpu():
-        raise NotImplementedError(
-            "vllm_dllm_spec: SDAR block diffusion inside vLLM runs on the CPU platform so far "
-            "(see docs/VLLM_PATH.md)"
-        )
+    worker_cls = configure_platform(vllm_config, current_platform, plan, cfg.method, model_block)
     cache_block = vllm_config.cache_config.block_size
     if cache_block is not None and cache_block % model_block:
         raise ValueError(
@@ -152,6 +149,61 @@ def configure(vllm_config) -> None:
     procs = list(model_config.logits_processors or [])
     if VALIDATOR_CLS not in procs:
         model_config.logits_processors = procs + [VALIDATOR_CLS]
+
+
+# attention backends the block-causal split runs on (attention.SUPPORTED_BACKENDS), per platform
+GPU_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+KERNEL_BLOCK = 16  # FA and Triton kernels take cache blocks in multiples of 16
+
+
+def configure_platform(vllm_config, platform, plan, method: str, model_block: int) -> str:
+    """The platform-specific part of the hook. Returns the worker class for `platform`.
+    CPU: the CPU worker. CUDA: the GPU worker, FLASH_ATTN or TRITON_ATTN preferred over
+    FlashInfer (`use_non_causal`), PIECEWISE CUDA graphs when the mode is unset (the block-causal
+    builder supports no full graphs), and a cache block size that both a kernel (multiple of 16)
+    and the SDAR block divide. Raises ValueError naming the setting for what cannot run."""
+    if platform.is_cpu():
+        return plan.worker_cls
+    if not platform.is_cuda():
+        raise NotImplementedError(
+            f"vllm_dllm_spec: SDAR models run on the CPU and CUDA platforms, not on "
+            f"{getattr(platform, 'device_name', platform)!r}")
+    from vllm.config import CUDAGraphMode
+
+    if plan.gpu_worker_cls is None:
+        raise ValueError(f"dllm_spec.method {method!r} has no GPU runner; run it on the CPU platform")
+    attention = vllm_config.attention_config
+    if attention.backend is not None and attention.backend.name not in GPU_BACKENDS:
+        raise ValueError(
+            f"attention backend {attention.backend.name} cannot run SDAR's block-causal attention; "
+            f"use --attention-backend FLASH_ATTN or TRITON_ATTN (or leave it unset)")
+    # the default order on sm_100 puts FlashInfer first unless the model is non-causal
+    attention.use_non_causal = True
+    parallel = vllm_config.parallel_config
+    for knob in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, knob, 1) > 1:
+            raise ValueError(f"{knob} must be 1 for SDAR models (block-causal attention splits "
+                             f"requests; context parallelism is not supported), got {getattr(parallel, knob)}")
+    compilation = vllm_config.compilation_config
+    mode = compilation.cudagraph_mode
+    if mode is None:
+        if not vllm_config.model_config.enforce_eager:
+            compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+            logger.info("dllm_spec: cudagraph_mode PIECEWISE (block-causal attention runs eagerly "
+                        "between the captured pieces)")
+    elif mode.has_full_cudagraphs():
+        raise ValueError(
+            f"cudagraph_mode {mode.name} is not supported for SDAR models: the block-causal "
+            f"attention splits each step into a varying number of virtual requests, which a full "
+            f"CUDA graph cannot replay; use PIECEWISE or NONE (or leave it unset)")
+    cache = vllm_config.cache_config
+    if not cache.user_specified_block_size and KERNEL_BLOCK % model_block:
+        block = math.lcm(model_block, KERNEL_BLOCK)
+        logger.info("dllm_spec: KV cache block size %d (a multiple of the SDAR block length %d "
+                    "and of the kernels' 16)", block, model_block)
+        cache.block_size = block
+        cache.user_specified_block_size = True  # the platform must not pick another
+    return plan.gpu_worker_cls
 
 
 def resolve_checkpoint_fields(model_config, block_length_knob: int | None) -> int:
