@@ -1,7 +1,8 @@
 """SDAR-MoE (SDAR-30B-A3B-Chat, `SDARMoeForCausalLM`, Qwen3-MoE layers) on a tiny random replica
 of the published layout (config.json without block_size / mask_token_id, as SDAR's script
-expects): the replica's files, the reference MoE model against transformers' Qwen3-MoE, and real
-engines (`LLM`, float32, greedy) equal to their oracles for block diffusion, PSD and SimSD (an
+expects): the replica's files, the reference MoE model against transformers' Qwen3-MoE, the
+config hook with and without trust_remote_code (and its config pickled as for `vllm serve`'s
+engine core), and real engines (`LLM`, float32, greedy) equal to their oracles for block diffusion, PSD and SimSD (an
 MoE target with a dense draft sharing its tokenizer), tokens and forward counts, at TP=1 and
 TP=2; a configuration vLLM's CPU MoE kernels refuse gives an error naming it."""
 import json
@@ -29,6 +30,9 @@ MOE_KEYS = {  # Qwen3-MoE's routing keys, on top of the dense SDAR key set (docs
 }
 MAX_TOKENS = [23, 9, 30, 8, 17, 5, 25, 12]
 BLOCK = 4  # resolved: the replica's config.json has no block_size
+# 32 MiB of KV cache holds > 20k tokens of these tiny models; the default 1 GiB costs a TP=2
+# engine ~20 s to allocate on two workers
+KV_BYTES = 32 << 20
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +147,29 @@ def test_reference_dense_fallback_layers(tmp_path):
     assert kinds == [MLP, SparseMoeBlock, MLP, MLP]
 
 
+# -- start-up with and without trust_remote_code (what `vllm serve` hands its engine core) --------
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_moe_config_resolves_and_pickles_for_the_engine_core(paths, ids, trust):
+    """The config hook on the MoE replica with and without trust_remote_code: the plugin's
+    SDARMoeConfig (never the directory's remote class), block 4, the tokenizer's mask; and the
+    VllmConfig as `vllm serve` sends it to its spawned engine core (multiprocessing's pickler;
+    with trust_remote_code vLLM registers cloudpickle for it) keeps all three. The served
+    MoE path with --trust-remote-code runs in tests/test_checkpoints.py."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    cfg = EngineArgs(model=paths["moe"], dtype="float32", max_model_len=256, enforce_eager=True, block_size=32,
+                     trust_remote_code=trust).create_engine_config()
+    for config in (cfg, pickle.loads(ForkingPickler.dumps(cfg))):
+        hf = config.model_config.hf_config
+        assert (type(hf).__module__, type(hf).__name__) == ("vllm_dllm_spec.hf_config", "SDARMoeConfig")
+        assert (hf.block_size, hf.mask_token_id) == (BLOCK, ids["mask"])
+        assert config.speculative_config.num_speculative_tokens == BLOCK
+
+
 # -- engines against the oracles (TP=1) -----------------------------------------------------------
 
 METHODS = ["block_diffusion", "psd", "simsd"]
@@ -158,7 +185,8 @@ def engine(request, paths):
 
     method = request.param
     llm = LLM(model=paths["moe"], dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=16,
-              block_size=32, seed=0, additional_config={"dllm_spec": options_for(method, paths)})
+              block_size=32, seed=0, kv_cache_memory_bytes=KV_BYTES,
+              additional_config={"dllm_spec": options_for(method, paths)})
     yield method, llm
     shutdown_llm(llm)
 
@@ -233,10 +261,11 @@ def test_moe_tp2_equals_oracle(paths, ids, method, monkeypatch):
     from vllm import LLM, SamplingParams
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")  # not the 5 s grace at shutdown
     vllm.envs.disable_envs_cache()  # an earlier in-process engine froze vLLM's env reads
     llm = LLM(model=paths["moe"], dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=8,
               block_size=32, tensor_parallel_size=2, distributed_executor_backend="mp", seed=0,
-              additional_config={"dllm_spec": options_for(method, paths)})
+              kv_cache_memory_bytes=KV_BYTES, additional_config={"dllm_spec": options_for(method, paths)})
     rng = random.Random(41)
     prompts = [[rng.randrange(2, ids["endoftext"]) for _ in range(n)] for n in (2, 7, 12)]
     max_tokens = [14, 9, 14]

@@ -12,7 +12,9 @@ which parts are confirmed from the published files and which are assumed):
 - a Qwen2-style byte-level BPE tokenizer (tokenizer.json, vocab.json, merges.txt,
   tokenizer_config.json) whose added tokens are Qwen3's in Qwen3's order, then `<|MASK|>`
   (declared as `mask_token`, only added, or absent), and a Qwen3-style chat template;
-- generation_config.json with an eos list (`<|im_end|>`, `<|endoftext|>`);
+- generation_config.json as Qwen3's: an eos list (`<|im_end|>`, `<|endoftext|>`) and sampling
+  defaults (temperature 0.6, top_k 20, top_p 0.95);
+- chat_template.jinja (the template also sits in tokenizer_config.json, as published);
 - bf16 safetensors (sharded with an index for the 4B / 8B / 30B-A3B layouts), weight names 1:1
   with Qwen3's (Qwen3-MoE's for SDAR-30B-A3B-Chat: `mlp.gate.weight`,
   `mlp.experts.{i}.{gate,up,down}_proj.weight`), the vocabulary padded past the tokenizer like
@@ -147,9 +149,9 @@ class ReplicaLayout:
 LAYOUTS: dict[str, ReplicaLayout] = {
     # published: hidden 2048, 28 layers, 16 heads / 8 KV, head_dim 128, untied
     "SDAR-1.7B-Chat": ReplicaLayout(64, 128, 2, 4, 2, 32, False, 1),
-    # Qwen3-4B shape: 32 heads / 8 KV (4:1), tied embeddings (assumed, see docs/CHECKPOINTS.md)
-    "SDAR-4B-Chat": ReplicaLayout(64, 160, 2, 4, 1, 32, True, 2),
-    # Qwen3-8B shape: 32 heads / 8 KV (4:1), untied
+    # published: hidden 2560, 36 layers, 32 heads / 8 KV (4:1), head_dim 128, untied (unlike Qwen3-4B)
+    "SDAR-4B-Chat": ReplicaLayout(64, 160, 2, 4, 1, 32, False, 2),
+    # Qwen3-8B shape: 32 heads / 8 KV (4:1), untied (assumed, see docs/CHECKPOINTS.md)
     "SDAR-8B-Chat": ReplicaLayout(96, 192, 3, 4, 1, 64, False, 2),
     # Qwen3-30B-A3B shape: 32 heads / 4 KV (8:1), untied, every layer sparse, 128 experts with
     # 8 routed per token (16:1), expert width 768 = intermediate 6144 / 8; here 8 experts, 2 routed
@@ -192,9 +194,10 @@ def build_qwen2_tokenizer(out_dir: str | Path, *, mask: str = "declared", texts:
 
 
 def _write_published_tokenizer_files(out: Path, tok, vocab: dict, merges: list, mask: str) -> None:
-    """vocab.json / merges.txt and a tokenizer_config.json in the published Qwen form
-    (added_tokens_decoder, chat_template, mask_token only when declared)."""
+    """vocab.json / merges.txt, chat_template.jinja and a tokenizer_config.json in the published
+    Qwen form (added_tokens_decoder, chat_template, mask_token only when declared)."""
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "chat_template.jinja").write_text(QWEN3_STYLE_CHAT_TEMPLATE)
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     decoder = {
         str(tok.convert_tokens_to_ids(t.content)): {
@@ -293,10 +296,12 @@ def make_sdar_replica(out_dir: str | Path, name: str = "SDAR-1.7B-Chat", *, diff
 
 
 def write_generation_config(out_dir: str | Path, eos_ids: list[int], *, bos_id: int) -> None:
-    """generation_config.json as published: the eos *list* (every id ends a request)."""
-    gen = {"bos_token_id": bos_id, "eos_token_id": list(eos_ids), "pad_token_id": bos_id,
-           "transformers_version": "4.52.4"}
-    (Path(out_dir) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    """generation_config.json as published, i.e. Qwen3's file: the eos *list* (every id ends a
+    request) and Qwen3's sampling defaults, which vLLM applies to requests that leave them unset
+    (with Qwen3's ids the file is 239 bytes, the size of every published SDAR copy)."""
+    gen = {"bos_token_id": bos_id, "do_sample": True, "eos_token_id": list(eos_ids), "pad_token_id": bos_id,
+           "temperature": 0.6, "top_k": 20, "top_p": 0.95, "transformers_version": "4.51.0"}
+    (Path(out_dir) / "generation_config.json").write_text(json.dumps(gen, indent=4))
 
 
 def _zero_padding_rows(state: dict[str, torch.Tensor], num_tokens: int) -> None:
