@@ -192,7 +192,8 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         self.drafter.finished_step_maps = {}
         if spec_decode_metadata is None or not self._steps:
             return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
-        spec_logits = logits[spec_decode_metadata.target_logits_indices + 1]  # [T, V] AT the spec tokens
+        # [T, V] AT the spec tokens, on the host, where the chain policy and its blocks live
+        spec_logits = logits[spec_decode_metadata.target_logits_indices + 1].cpu()
         grid = step_logprobs([self.requests[r].sampling_params for r in batch.req_ids[:num_reqs]],
                              self.vocab_size, B + 1)
         offsets = [0]

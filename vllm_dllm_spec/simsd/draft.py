@@ -26,15 +26,19 @@ from vllm_dllm_spec.region import cache_slots
 
 
 class PagedDraftModel:
-    def __init__(self, model: SDARModel, num_blocks: int, cache_block_size: int):
-        self.model = model
+    """The draft's weights and paged KV cache on `device` (the runner's: a GPU on CUDA). Its
+    forward returns the block logits on the host, where the draft's denoising policy runs."""
+
+    def __init__(self, model: SDARModel, num_blocks: int, cache_block_size: int, device=None):
+        self.device = torch.device(device or "cpu")
+        self.model = model.to(self.device)
         cfg = model.config
         self.cbs = cache_block_size
         n = num_blocks * cache_block_size
         shape = (n, cfg.num_key_value_heads, cfg.head_dim)
         dtype = next(model.parameters()).dtype
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
 
     @torch.no_grad()
     def forward(self, tokens: list[torch.Tensor], first_pos: list[int], ctx_len: list[int],
@@ -63,6 +67,11 @@ class PagedDraftModel:
         mask = torch.cat([cvalid[:, None, :].expand(R, T, C), qmask], dim=2)[:, None]  # [R, 1, T, C + T]
         srow, scol = (torch.arange(T)[None, :] < torch.tensor(num_store)[:, None]).nonzero(as_tuple=True)
         sslot = cache_slots(tables[srow], pos[srow, scol][:, None], self.cbs).squeeze(1)  # [S]
+        block_cols = n[:, None] - B + torch.arange(B)  # [R, B] the block's query columns
+        # the indices are built on the host (small); the forward runs on the draft's device
+        dev = self.device
+        ids, pos, mask, ctx_slots, block_cols = (t.to(dev) for t in (ids, pos, mask, ctx_slots, block_cols))
+        srow, scol, sslot = srow.to(dev), scol.to(dev), sslot.to(dev)
 
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = self.model.model.embed_tokens(ids)  # [R, T, hidden]
@@ -83,9 +92,8 @@ class PagedDraftModel:
                                                  attn_mask=mask, enable_gqa=True)  # [R, h, T, d]
             x = x + attn.o_proj(out.transpose(1, 2).reshape(R, T, h * d))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        block_cols = (n[:, None] - B + torch.arange(B))[..., None].expand(R, B, x.shape[-1])  # [R, B, hidden]
-        x = x.gather(1, block_cols)
-        return self.model.lm_head(self.model.model.norm(x)).float()  # [R, B, V]
+        x = x.gather(1, block_cols[..., None].expand(R, B, x.shape[-1]))  # [R, B, hidden]
+        return self.model.lm_head(self.model.model.norm(x)).float().cpu()  # [R, B, V]
 
 
 @dataclass

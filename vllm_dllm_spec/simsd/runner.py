@@ -53,6 +53,7 @@ class SimSDState:
     draft_forwards: int = 0
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    host_generator: torch.Generator | None = None  # on CUDA: the request's seeded host generator
 
 
 @dataclass
@@ -90,7 +91,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         self.draft = PagedDraftModel(
-            self._draft_weights, int(kv_cache_config.num_blocks), int(self.cache_config.block_size))
+            self._draft_weights, int(kv_cache_config.num_blocks), int(self.cache_config.block_size), self.device)
 
     # -- per-request state -------------------------------------------------------------------
     def state_for(self, req_id: str) -> SimSDState:
@@ -108,6 +109,18 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
                                   top_p=float(sp.top_p))
             st = self.simsd_states[req_id] = SimSDState(params=params, knobs=knobs)
         return st
+
+    def _host_generator(self, row: int, rid: str) -> torch.Generator | None:
+        """The request's generator for the draft policy and the verification, which run on the
+        host: vLLM's own on CPU; on CUDA (where vLLM's is a CUDA generator) a host generator
+        seeded as vLLM seeds its own, so a seeded request draws what it draws on CPU."""
+        gen = self.input_batch.generators.get(row)
+        if gen is None or gen.device.type == "cpu":
+            return gen
+        st = self.state_for(rid)
+        if st.host_generator is None:
+            st.host_generator = torch.Generator().manual_seed(self.requests[rid].sampling_params.seed)
+        return st.host_generator
 
     def _update_states(self, scheduler_output):
         for r in scheduler_output.finished_req_ids:
@@ -143,7 +156,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
             seq = torch.from_numpy(batch.token_ids_cpu[i, :num_tokens].copy()).long()
             job = DraftJob(seq=seq, draft_len=min(st.draft_len, block_start),
                            block_table=block_table[i].clone(), params=st.params, knobs=st.knobs,
-                           generator=batch.generators.get(i))
+                           generator=self._host_generator(i, rid))
             jobs.append(job)
             self._rounds[rid] = RoundInfo(i, num_tokens, block_start,
                                           int(batch.num_computed_tokens_cpu[i]), job)
@@ -225,7 +238,9 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
             known = info.num_tokens - info.block_start
             d = torch.arange(known, K * B)  # drafted data positions (in-region rank order)
             copy_rows = offsets[info.row] + 2 * (d // B) * B + B + d % B - known
-            copy_logits = exclude_mask_token(spec_logits[copy_rows], self.mask_token_id)  # [n, V]
+            # verification runs on the host (the draft's distributions live there)
+            copy_logits = exclude_mask_token(spec_logits[copy_rows.to(spec_logits.device)].cpu(),
+                                             self.mask_token_id)  # [n, V]
             d_tokens = job.tokens[known:]
             n = d_tokens.numel()
             if grid is not None and requested(self.requests[rid].sampling_params, self.vocab_size) is not None:
