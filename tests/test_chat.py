@@ -45,10 +45,13 @@ def _oracle(model, prompt_ids: list[int], eos_ids: list[int], mask_id: int) -> l
 
 
 def _swap_head_rows(path: str, a: int, b: int) -> None:
-    """Swaps two tokens' lm_head rows in the (single-file, untied) replica's weights."""
+    """Swaps two tokens' lm_head rows in the (sharded, untied) replica's weights."""
+    import json
+
     from safetensors.torch import load_file, save_file
 
-    file = os.path.join(path, "model.safetensors")
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        file = os.path.join(path, json.load(f)["weight_map"]["lm_head.weight"])
     state = load_file(file)
     head = state["lm_head.weight"]
     head[[a, b]] = head[[b, a]]
@@ -66,7 +69,8 @@ def chat_replica(tmp_path_factory):
     from vllm_dllm_spec.reference import SDARModel
 
     vllm_dllm_spec.register()
-    path = make_sdar_replica(tmp_path_factory.mktemp("chat"), "SDAR-1.7B-Chat", seed=21)  # untied
+    # SDAR-4B-Chat: untied, sharded; the served dense replica without --trust-remote-code
+    path = make_sdar_replica(tmp_path_factory.mktemp("chat"), "SDAR-4B-Chat", seed=27)
     tok = AutoTokenizer.from_pretrained(path)
     im_end, endoftext, mask = tok.convert_tokens_to_ids([IM_END, ENDOFTEXT, MASK_TOKEN])
     eos_ids = [im_end, endoftext]  # the replica's generation_config list

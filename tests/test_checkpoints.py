@@ -6,6 +6,8 @@ like the oracle, and the start-up error of a checkpoint with no mask token anywh
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from vllm_dllm_spec.replicas import (  # noqa: E402
     ENDOFTEXT,
     IM_END,
     IM_START,
+    LAYOUTS,
     build_qwen2_tokenizer,
     make_sdar_replica,
     write_generation_config,
@@ -122,7 +125,9 @@ def replicas(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("replicas")
     return {
         "1.7B": make_sdar_replica(root / "1.7B", "SDAR-1.7B-Chat", seed=3),
-        "4B+fields": make_sdar_replica(root / "4B", "SDAR-4B-Chat", diffusion_fields=True, seed=4),
+        # tied like Qwen3-4B (the published SDAR-4B-Chat is untied): keeps the tied layout covered
+        "4B+fields": make_sdar_replica(root / "4B", "SDAR-4B-Chat", diffusion_fields=True, seed=4,
+                                       tie_word_embeddings=True),
         "8B+fields": make_sdar_replica(root / "8B", "SDAR-8B-Chat", diffusion_fields=True, seed=5),
         "no-mask": make_sdar_replica(root / "nomask", "SDAR-1.7B-Chat", mask="none", seed=6),
     }
@@ -152,6 +157,19 @@ def test_replica_files_have_the_published_layout(replicas):
                                    add_generation_prompt=True, enable_thinking=False)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert plain["vocab_size"] % 64 == 0 and plain["vocab_size"] >= len(tok)
+    assert (Path(replicas["1.7B"]) / "chat_template.jinja").read_text() == tok.chat_template
+    assert not any(layout.tie_word_embeddings for layout in LAYOUTS.values())  # as published
+
+
+def test_generation_config_is_qwen3s(tmp_path):
+    """Qwen3's generation_config.json (eos list, sampling defaults), byte for byte in form: with
+    Qwen3's ids it is 239 bytes, the size of every published SDAR copy."""
+    write_generation_config(tmp_path, [151645, 151643], bos_id=151643)
+    text = (tmp_path / "generation_config.json").read_text()
+    assert len(text.encode()) == 239
+    assert json.loads(text) == {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                                "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95,
+                                "transformers_version": "4.51.0"}
 
 
 @pytest.mark.parametrize("name", ["1.7B", "4B+fields", "8B+fields"])
@@ -415,29 +433,55 @@ def test_eos_list_id_stops_a_request_like_the_oracle(eos_replica):
     assert got[1] == (want.tokens, want.num_forwards) and len(want.tokens) == other + 1
 
 
-# -- `vllm serve` on a replica (multiprocess engine: the resolved fields reach the engine core) --
+# -- `vllm serve` on replicas (multiprocess engine: the resolved fields reach the engine core) ---
+#
+# What the served path adds to LLM(...): the config hook runs in the API server, and the engine
+# core is a spawned process that receives the pickled VllmConfig (the model's config class with
+# the resolved block size / mask id). --trust-remote-code makes vLLM cloudpickle that config and
+# imports none of the directory's configuration_*.py (the plugin's class is registered for the
+# model type; the replica's tokenizer_config names its tokenizer class). So the served variants
+# that differ are dense / MoE (config class, model, MoE kernels in the engine core) x plain /
+# cloud pickle: dense + trust and MoE + trust here, dense without trust in tests/test_chat.py
+# (SDAR-4B-Chat), MoE without trust as a pickle round trip of its VllmConfig in test_moe.py.
+# 1.7B differs from 4B / 8B only in shapes and one weight file: LLM(...) above.
+SERVED = ["SDAR-8B-Chat", "SDAR-30B-A3B-Chat"]
+
 
 @pytest.mark.slow
-def test_serve_replica_without_diffusion_fields(replicas, tmp_path):
-    """`vllm serve <replica> --trust-remote-code`, no dllm_spec option: the config hook resolves
-    block 4 and the tokenizer's mask in the API server process, and the engine-core process
-    serves with them: completions equal the oracle, the log names the default block size."""
+@pytest.mark.parametrize("name", SERVED)
+def test_serve_replica_with_trust_remote_code(name, tmp_path, monkeypatch):
+    """`vllm serve <replica> --trust-remote-code`, no dllm_spec option, config.json without the
+    diffusion fields: the API server resolves block 4 and the tokenizer's mask, the engine core
+    serves with them: completions (one with a per-request knob) equal the oracle, tokens and
+    forwards; the log names the default block size once; the directory's configuration_*.py
+    is never imported."""
     openai = pytest.importorskip("openai")
     from transformers import AutoTokenizer
 
     from vllm_dllm_spec.testing import VLLMServer
 
-    path = replicas["1.7B"]
-    tok = AutoTokenizer.from_pretrained(path)
+    path = make_sdar_replica(tmp_path / "replica", name, seed=8)
+    modules = tmp_path / "hf_modules"
+    monkeypatch.setenv("HF_MODULES_CACHE", str(modules))  # where remote code would be copied
+    mask = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(MASK_TOKEN)
     eos_ids = _read(path, "generation_config.json")["eos_token_id"]
+    requests = [("def block_diffusion(model", 14, {}),
+                ("The quick brown fox", 11, {"remasking_strategy": "low_confidence_dynamic",
+                                             "confidence_threshold": 0.3})]
     with VLLMServer(path, tmp_path / "serve.log", extra_args=("--trust-remote-code",)) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120)
-        for prompt, n in [("def block_diffusion(model", 14), ("The quick brown fox", 7)]:
+        for prompt, n, knobs in requests:
             resp = client.completions.create(model="sdar", prompt=prompt, max_tokens=n, temperature=0,
-                                             extra_body={"return_token_ids": True})
+                                             extra_body={"return_token_ids": True, "vllm_xargs": knobs})
             choice = resp.choices[0]
-            want = oracle(path, choice.prompt_token_ids, n, eos_ids, 4, tok.convert_tokens_to_ids(MASK_TOKEN))
-            assert choice.token_ids == want.tokens
+            want = oracle(path, choice.prompt_token_ids, n, eos_ids, 4, mask, **knobs)
+            assert choice.token_ids == want.tokens, knobs
             assert resp.kv_transfer_params["dllm_spec"]["num_forwards"] == want.num_forwards
         log = srv.log(200_000)
     assert log.count("using SDAR's default block size 4") == 1, log[-3000:]
+    assert not list(modules.rglob("configuration_sdar*.py"))
+    # the control: loading the auto_map class as remote code, with the same env, copies it there
+    load = ("from transformers.dynamic_module_utils import get_class_from_dynamic_module as g; "
+            f"g({_read(path, 'config.json')['auto_map']['AutoConfig']!r}, {path!r})")
+    subprocess.run([sys.executable, "-c", load], check=True, env=dict(os.environ, HF_MODULES_CACHE=str(modules)))
+    assert list(modules.rglob("configuration_sdar*.py"))
