@@ -199,12 +199,13 @@ def run_engine(path, options, backend):
     llm = LLM(model=path, dtype="float32", max_model_len=128, enforce_eager=True, max_num_seqs=4,
               block_size=CBS, enable_prefix_caching=True, seed=0, additional_config={"dllm_spec": options})
     sps = [SamplingParams(max_tokens=m, temperature=0.0, extra_args=c) for c, m in zip(CONFIGS, MAX_TOKENS)]
-    runs = []
+    runs, cached = [], []
     for _ in range(2):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
         runs.append([(list(o.outputs[0].token_ids), o.kv_transfer_params["dllm_spec"]) for o in outs])
+        cached.append(sum(o.num_cached_tokens or 0 for o in outs))  # prompt tokens read from the cache
     shutdown_llm(llm)
-    return prompts, runs
+    return prompts, runs, cached
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,14 +242,14 @@ def engine_record(method, tokens, rec):
 
 def check_engine(name, path, options, backend):
     t0, before = time.time(), dict(COUNTS)
-    prompts, runs = run_engine(path, options, backend)
+    prompts, runs, cached = run_engine(path, options, backend)
     method = options["method"]
     want = [oracle(method, path, p, c, m, options) for p, c, m in zip(prompts, CONFIGS, MAX_TOKENS)]
     mismatches = [[run, i, engine_record(method, *got), list(want[i])]
                   for run, outs in enumerate(runs) for i, got in enumerate(outs)
                   if list(engine_record(method, *got)) != list(want[i])]
     RESULTS.setdefault("engines", {})[name] = {
-        "mismatches": mismatches, "requests": len(prompts) * len(runs),
+        "mismatches": mismatches, "requests": len(prompts) * len(runs), "cached_tokens": cached,
         "kernel_calls": COUNTS["kernel"] - before["kernel"], "splits": COUNTS["split"] - before["split"],
         "seconds": round(time.time() - t0, 1)}
 

@@ -116,7 +116,8 @@ def test_real_builder_and_impl(wiring, backend):
 @pytest.mark.parametrize("case", ["block_diffusion_b4", "block_diffusion_b8", "simsd", "psd"])
 def test_engine_equals_oracle(wiring, backend, case):
     r = wiring[backend]["engines"][case]
-    assert r["requests"] == 8  # 4 prompts, twice (the second run hits the prefix cache)
+    assert r["requests"] == 8  # 4 prompts, twice
+    assert r["cached_tokens"][1] > r["cached_tokens"][0]  # the second run hits the prefix cache
     assert r["kernel_calls"] > 0 and r["splits"] > 0, "the engine must run the GPU backend's kernel"
     assert not r["mismatches"], "\n".join(map(str, r["mismatches"]))
 

@@ -120,17 +120,14 @@ class BlockCausalBuilderMixin:
             raise ValueError(
                 f"the KV cache block size ({kv_cache_spec.block_size}) must be a multiple of the "
                 f"SDAR block length ({self.block_length}); pass --block-size with such a value")
-        parallel = vllm_config.parallel_config
-        if (getattr(parallel, "decode_context_parallel_size", 1) > 1
-                or getattr(parallel, "prefill_context_parallel_size", 1) > 1):
-            raise ValueError("SDAR block-causal attention does not support decode/prefill context "
-                             "parallelism (decode_context_parallel_size / prefill_context_parallel_size > 1)")
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
-        if cm.num_actual_tokens == 0 or cm.seq_lens_cpu_upper_bound is None:
+        if cm.num_actual_tokens == 0:
             return super().build(common_prefix_len, cm, fast_build)
-        # a cascade (common-prefix) split would see the virtual requests' shared rows: none
+        if cm.seq_lens_cpu_upper_bound is None:  # a caller without the host copy: read the device's
+            cm = dataclasses.replace(cm, seq_lens_cpu_upper_bound=cm.seq_lens.cpu())
+        # common_prefix_len 0: no cascade attention over virtual requests of one parent
         return super().build(0, split_common_metadata(cm, self.block_length), fast_build)
 
 

@@ -135,8 +135,6 @@ def region_impl_class(base: type) -> type:
                 {"__slots__": (), "__module__": __name__, "_base_impl": base, "forward": RegionAttentionMixin.forward})
 
 
-RegionAttentionImpl = region_impl_class(CPUAttentionBackendImpl)
-
 
 def _supported_impls() -> tuple[type, ...]:
     impls: list[type] = [CPUAttentionBackendImpl]
