@@ -174,8 +174,18 @@ def on_cuda(cfg, monkeypatch, *, cudagraph_mode=None, eager=False, block_size=No
 def test_cuda_worker_and_graph_mode(tiny_ckpt, monkeypatch, method, worker):
     from vllm.config import CUDAGraphMode
 
+    import importlib
+
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
     cfg = on_cuda(cpu_config(tiny_ckpt, {"method": method}), monkeypatch)
     assert cfg.parallel_config.worker_cls == worker
+    module, name = worker.rsplit(".", 1)
+    worker_cls = getattr(importlib.import_module(module), name)  # the GPU worker and its V1 GPU runner
+    assert issubclass(worker_cls, Worker) and issubclass(worker_cls.runner_cls, GPUModelRunner)
+    assert not issubclass(worker_cls.runner_cls, CPUModelRunner)
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
     assert cfg.attention_config.use_non_causal
     assert cfg.cache_config.block_size is None  # B = 4 divides 16: the platform's choice stands
