@@ -23,7 +23,7 @@ nvcc --version | tail -1
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA device'; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 step "build csrc with nvcc (in place)"
-"$PY" -m pip --version >/dev/null 2>&1 && "$PY" -m pip install -q pytest numpy safetensors >/dev/null 2>&1 || true
+"$PY" -c "import pytest, numpy" || { echo "gpu_check: needs pytest and numpy next to torch (no network is assumed)"; exit 2; }
 timeout 400 "$PY" setup.py -q build_ext --inplace
 "$PY" -c "from vllm_dllm_spec import ops; assert ops.has_kernel('greedy_match', 'cuda'), 'built without CUDA kernels'; print('CUDA kernels registered')"
 
