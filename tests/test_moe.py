@@ -30,8 +30,8 @@ MOE_KEYS = {  # Qwen3-MoE's routing keys, on top of the dense SDAR key set (docs
 }
 MAX_TOKENS = [23, 9, 30, 8, 17, 5, 25, 12]
 BLOCK = 4  # resolved: the replica's config.json has no block_size
-# 32 MiB of KV cache holds > 20k tokens of these tiny models; the default 1 GiB costs a TP=2
-# engine ~20 s to allocate on two workers
+# 32 MiB of KV cache holds > 20k tokens of these tiny models: 1 GiB (VLLM_CPU_KVCACHE_SPACE)
+# per engine and TP worker is memory a shared test machine pages in for nothing
 KV_BYTES = 32 << 20
 
 
