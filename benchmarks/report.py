@@ -106,16 +106,17 @@ def quality_section(data: dict) -> list[str]:
 
 
 def serve_section(data: dict) -> list[str]:
-    lines = ["### Serving (`benchmarks/serve.py`)", "", where(data) + f"; generation length {data['gen_length']}.", "",
-             "| rate (req/s) | method | tokens/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) |",
-             "|---|---|---|---|---|"]
+    lines = ["### Serving (`benchmarks/serve.py`)", "", where(data) + f"; generation length {data['gen_length']}; "
+             f"load generator: {data.get('load_generator', 'the benchmark own client')}.", "",
+             "| rate (req/s) | method | tokens/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | TPOT p50 (ms) |",
+             "|---|---|---|---|---|---|"]
 
     def ms(*values):
         return " / ".join("-" if v is None else f"{v * 1000:.0f}" for v in values)
 
     for r in data["results"]:
         lines.append(f"| {r['rate']:g} | {r['method']} | {r['tokens_per_s']:.0f} | "
-                     f"{ms(r['ttft_p50'], r['ttft_p90'], r['ttft_p99'])} | {ms(r['itl_p50'], r['itl_p90'], r['itl_p99'])} |")
+                     f"{ms(r['ttft_p50'], r['ttft_p90'], r['ttft_p99'])} | {ms(r['itl_p50'], r['itl_p90'], r['itl_p99'])} | {ms(r.get('tpot_p50'))} |")
     return lines + [""]
 
 

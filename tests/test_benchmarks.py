@@ -66,9 +66,11 @@ def test_serve_smoke(tiny_ckpt, tmp_path):
     summary = run_bench("serve.py", tiny_ckpt, out)
     data = json.loads(out.read_text())
     rows = data["results"]
+    assert data["load_generator"] == "vllm bench serve"
     assert {r["method"] for r in rows} == {"ar", "dynamic"}
     for r in rows:
-        assert r["requests"] == 4 and r["output_tokens"] == 4 * 16
+        assert r["requests"] == 4 and r["failed"] == 0 and r["output_tokens"] == 4 * 16
+        assert 0 < r["tpot_p50"] and r["e2el_p50"] >= r["ttft_p50"]
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] is not None
         base = next(x for x in rows if x["rate"] == r["rate"] and x["method"] == "ar")
         assert r["ratio_vs_ar"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
