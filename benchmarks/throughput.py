@@ -13,6 +13,8 @@ share an engine and differ by per-request `extra_args`). Methods:
   simsd_self  SimSD, the target drafts for itself (draft: dynamic 0.85), greedy_match
   simsd       SimSD with the bundled draft model (when there is one)
   psd         PSD-style self-speculation, dynamic 0.85, draft depth 3 (lossless: dynamic's tokens)
+  spiffy      Spiffy, dynamic 0.85, the draft graph shipped with the model at that block (else
+              PSD's chain as a graph), 4 and 6 block copies per step (lossless: dynamic's tokens)
   vllm_ar     the same weights served by vLLM itself as an autoregressive Qwen3 model (no plugin
               code on the path: a copy of the checkpoint whose config says Qwen3ForCausalLM):
               what ordinary vLLM serving costs. The tiny model was not trained autoregressively,
@@ -53,7 +55,7 @@ def methods(block: int) -> dict[str, dict]:
     }
 
 
-def speculative_methods(block: int, draft_dir: str | None) -> dict[str, dict]:
+def speculative_methods(block: int, draft_dir: str | None, model_dir: str) -> dict[str, dict]:
     """Methods that need their own engine: name -> engine `dllm_spec` option."""
     simsd = {"method": "simsd", "remasking_strategy": "low_confidence_dynamic",
              "confidence_threshold": 0.85, "verification": "greedy_match"}
@@ -62,7 +64,24 @@ def speculative_methods(block: int, draft_dir: str | None) -> dict[str, dict]:
         table["simsd"] = {**simsd, "draft_model": common.model_at_block(draft_dir, block)}
     table["psd"] = {"method": "psd", "draft_depth": 3, "remasking_strategy": "low_confidence_dynamic",
                     "confidence_threshold": 0.85}
+    for budget in (4, 6):
+        table[f"spiffy{budget}"] = {"method": "spiffy", "draft_graph": graph_for(model_dir, block),
+                                    "graph_budget": budget, "remasking_strategy": "low_confidence_dynamic",
+                                    "confidence_threshold": 0.85}
     return table
+
+
+def graph_for(model_dir: str, block: int) -> str:
+    """The draft graph shipped next to the model's weights for this block, else PSD's chain as a
+    graph (written once to a temporary file)."""
+    from vllm_dllm_spec.reference.spiffy import DraftGraph, default_graph_path
+
+    shipped = default_graph_path(block, model_dir)
+    if shipped.is_file():
+        return str(shipped)
+    path = Path(tempfile.gettempdir()) / f"spiffy_chain_b{block}.json"
+    DraftGraph.chain(6, block).to_json(path)
+    return str(path)
 
 
 def make_llm(model_dir: str, max_batch: int, options: dict | None = None, plugin: bool = True):
@@ -156,7 +175,7 @@ def main(argv=None) -> dict:
     all_prompts = common.prompts(model_dir, max(preset["batches"]))
     max_batch = max(preset["batches"])
     results = []
-    per_block = len(methods(4)) + len(speculative_methods(4, draft_dir)) + 1  # + vllm_ar
+    per_block = len(methods(4)) + len(speculative_methods(4, draft_dir, model_dir)) + 1  # + vllm_ar
     qwen3_dir = as_qwen3_checkpoint(model_dir)
     bar = tqdm(total=len(preset["blocks"]) * per_block * len(preset["batches"]) * preset["reps"],
                desc="throughput", unit="run")
@@ -166,7 +185,7 @@ def main(argv=None) -> dict:
         # method alike); plain methods share one engine and differ by per-request knobs
         engines = {"plain": make_llm(target, max_batch)}
         runs_of = {name: ("plain", extra) for name, extra in methods(block).items()}
-        for name, options in speculative_methods(block, draft_dir).items():
+        for name, options in speculative_methods(block, draft_dir, model_dir).items():
             engines[name] = make_llm(target, max_batch, options)
             runs_of[name] = (name, {})
         engines["vllm_ar"] = make_llm(qwen3_dir, max_batch, plugin=False)
@@ -180,7 +199,7 @@ def main(argv=None) -> dict:
                     runs[name].append(run_batch(engines[engine], all_prompts[:batch], preset["gen_length"], extra))
                     bar.update()
             for name, (engine, extra) in runs_of.items():
-                knobs = extra or speculative_methods(block, draft_dir).get(name, {"plugin": False})
+                knobs = extra or speculative_methods(block, draft_dir, model_dir).get(name, {"plugin": False})
                 results.append({"method": name, "block": block, "batch": batch, "knobs": knobs,
                                 **summarize(runs[name])})
         for llm in engines.values():

@@ -120,7 +120,8 @@ class DLLMSpecConfig:
 
     The block-diffusion knobs (denoising_steps, remasking_strategy, thresholds) describe the
     diffusion being run: the target's for "block_diffusion", the draft's for "simsd". The
-    simsd-only knobs are ignored by the other methods, draft_depth by all but "psd".
+    simsd-only knobs are ignored by the other methods, draft_depth by all but "psd", draft_graph
+    and graph_budget by all but "spiffy".
     """
 
     method: str = "block_diffusion"
@@ -136,12 +137,23 @@ class DLLMSpecConfig:
     rope_copy: bool = True
     # psd
     draft_depth: int = 3  # denoising states drafted from one forward (verified in the next)
+    # spiffy
+    draft_graph: str = "default"  # a calibrated draft graph's JSON path, or the one shipped with the model
+    graph_budget: int = 4  # block copies per step: the exact state + up to graph_budget - 1 drafts
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         _require(
             isinstance(self.draft_depth, int) and not isinstance(self.draft_depth, bool) and self.draft_depth >= 1,
             f"draft_depth must be an integer >= 1, got {self.draft_depth!r}",
+        )
+        _require(
+            isinstance(self.graph_budget, int) and not isinstance(self.graph_budget, bool) and self.graph_budget >= 1,
+            f"graph_budget must be an integer >= 1, got {self.graph_budget!r}",
+        )
+        _require(
+            isinstance(self.draft_graph, str) and self.draft_graph != "",
+            f"draft_graph must be a draft graph's JSON path or 'default', got {self.draft_graph!r}",
         )
         _require(
             self.draft_model is None or (isinstance(self.draft_model, str) and self.draft_model != ""),

@@ -336,6 +336,8 @@ class BlockDiffusionProposer:
 
 # methods whose speculation is defined (and lossless) for greedy decoding only
 GREEDY_ONLY_METHODS = ("psd",)
+# knobs that size every step's region or name a file every worker loads: per engine only
+ENGINE_ONLY_KNOBS = ("draft_graph", "graph_budget")
 
 # SamplingParams fields vLLM's sampler would apply and block diffusion does not, with their "off"
 # value (None is always off).
@@ -386,6 +388,10 @@ class RequestKnobsValidator(LogitsProcessor):
             raise ValueError(f"method {method!r} is greedy only: temperature must be 0, got "
                              f"{sampling_params.temperature}")
         extra = getattr(sampling_params, "extra_args", None) or {}
+        for key in ENGINE_ONLY_KNOBS:
+            if key in extra:
+                raise ValueError(f"{key} is chosen per engine (additional_config['dllm_spec']), not per "
+                                 f"request; got {key}={extra[key]!r} in the request")
         if not any(key in extra for key in REQUEST_KNOBS):
             return
         if cls.context is not None:

@@ -49,6 +49,7 @@ METHOD_REGISTRY: dict[str, str] = {
     "block_diffusion": "vllm_dllm_spec.methods:BlockDiffusion",
     "simsd": "vllm_dllm_spec.simsd.hooks:SimSD",
     "psd": "vllm_dllm_spec.psd.hooks:PSD",
+    "spiffy": "vllm_dllm_spec.spiffy.hooks:Spiffy",
 }
 
 

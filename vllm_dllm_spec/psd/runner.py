@@ -24,10 +24,12 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_dllm_spec.config import DenoiseParams
-from vllm_dllm_spec.denoise import PLACEHOLDER, resolve_request_params
+from vllm_dllm_spec import ops
+from vllm_dllm_spec.denoise import ENTROPY, PLACEHOLDER, predict_greedy, resolve_request_params
 from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
+from vllm_dllm_spec.walk import PolicyTable, greedy_next_states
 from vllm_dllm_spec.reference.generate import exclude_mask_token
-from vllm_dllm_spec.reference.psd import accepted_depth, draft_chain
+from vllm_dllm_spec.reference.psd import draft_chain
 from vllm_dllm_spec import region as region_attention
 from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker
 
@@ -66,10 +68,14 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         self.block_length = int(hf.block_size)
         self.vocab_size = int(hf.vocab_size)
         self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
-        self.depth = int(self.engine_options["draft_depth"])
+        self.depth = self._num_copies()
         self.psd_states: dict[str, PSDState] = {}
         self._steps: dict[str, StepInfo] = {}
         self._next_drafts: list[list[int]] = []
+
+    def _num_copies(self) -> int:
+        """Block copies in the region of every step."""
+        return int(self.engine_options["draft_depth"])
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -183,6 +189,36 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         ids, values, ranks = gather(exclude_mask_token(logits[chosen], self.mask_token_id), state[chosen], w - 1)
         st.block_logprobs[0][chosen], st.block_logprobs[1][chosen], st.block_logprobs[2][chosen] = ids, values, ranks
 
+    def _accepted_depths(self, spec_logits: torch.Tensor, offsets: list[int]) -> dict[str, int]:
+        """Hierarchical acceptance of every verifying request at once (what
+        `reference.psd.accepted_depth` does for one): chain state c + 1 stands iff the policy on
+        chain state c's verified logits, at step st.step + 1 + c, gives it, and so did every
+        state before it. Through `ops.graph_accept` with the chain as parents and only the
+        diagonal next states (state c is reached after c steps)."""
+        verifying = [(rid, info) for rid, info in self._steps.items() if self.psd_states[rid].chain]
+        if not verifying:
+            return {}
+        B, C, mask_id = self.block_length, self.depth, self.mask_token_id
+        R = len(verifying)
+        sts = [self.psd_states[rid] for rid, _ in verifying]
+        states = torch.stack([torch.stack(st.chain + [st.chain[-1]] * (C - len(st.chain))) for st in sts])  # [R, C, B]
+        known = torch.tensor([info.num_tokens - info.block_start for _, info in verifying])  # [R]
+        start = torch.tensor([offsets[info.row] for _, info in verifying])  # [R]
+        rows = (torch.arange(C * B)[None, :] - known[:, None]).clamp(min=0) + start[:, None]  # [R, C * B]
+        lg = spec_logits[rows.flatten().to(spec_logits.device)]  # [R * C * B, V] (a copy)
+        lg[:, mask_id] = float("-inf")  # the mask token is never a prediction
+        table = PolicyTable.of([st.params for st in sts], max(st.step for st in sts) + C + 1)
+        tok, conf, ent = (t.cpu().view(R, C, B) for t in predict_greedy(lg, bool((table.strategy == ENTROPY).any())))
+        steps = torch.tensor([st.step + 1 for st in sts])[:, None, None] + torch.arange(C)[None, :, None]  # [R, C, 1]
+        nxt = greedy_next_states(states, tok, conf, ent, steps, table, mask_id)[:, :, 0]  # [R, C, B]
+        c = torch.arange(C)
+        verified = c[None, :] < torch.tensor([info.num_copies for _, info in verifying])[:, None]  # [R, C]
+        diagonal = torch.full((R, C, C, B), -1, dtype=torch.int64)  # [R, N + 1, D, B], N = C - 1
+        diagonal[:, c, c] = torch.where(verified[..., None], nxt, -1)
+        num_nodes = torch.tensor([len(st.chain) - 1 for st in sts])  # [R]
+        path_len, _ = ops.graph_accept(states[:, 1:], diagonal, num_nodes, ops.chain_parents(R, C - 1))
+        return {rid: n + 1 for (rid, _), n in zip(verifying, path_len.tolist())}
+
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
         region_attention.CURRENT = None
         batch, B, mask_id = self.input_batch, self.block_length, self.mask_token_id
@@ -199,6 +235,7 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         offsets = [0]
         for n in spec_decode_metadata.num_draft_tokens:
             offsets.append(offsets[-1] + n)
+        accepted = self._accepted_depths(spec_logits, offsets)  # rid -> chain steps kept
         for rid, info in self._steps.items():
             st = self.psd_states[rid]
             known = info.num_tokens - info.block_start
@@ -209,10 +246,9 @@ class PSDRunnerMixin(DLLMRunnerMixin):
             if not st.chain:  # the block's first step: logits of S itself
                 self._draft_chain(st, copy_logits[0])
             else:
-                accepted = accepted_depth(st.params, st.step, st.chain, copy_logits, mask_id)
-                self._advance(st, accepted, copy_logits)
+                self._advance(st, accepted[rid], copy_logits)
                 if bool((st.block == mask_id).any()):
-                    self._draft_chain(st, copy_logits[accepted - 1])
+                    self._draft_chain(st, copy_logits[accepted[rid] - 1])
             if not bool((st.chain[0] == mask_id).any()) and bool((st.block == mask_id).any()):
                 self._advance(st, 1)  # the policy's next step finishes the block: no forward needed
             if bool((st.block == mask_id).any()):

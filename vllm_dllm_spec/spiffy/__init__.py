@@ -1,0 +1,1 @@
+"""Spiffy: lossless auto-speculation over a calibrated draft graph inside vLLM (README, "Spiffy")."""
