@@ -2,7 +2,7 @@
 (`reference.spiffy.spiffy_generate`): tokens, step_map and forwards of a mixed batch (8 prompts
 with per-request strategies, each once greedy and once sampled with its own seed, temperature,
 top_k / top_p) in ONE generate call, block 4 and 8, prefix caching off and on, budgets 2..6;
-TP=2; the context limit; bad knobs (start-up errors, 400s on a served engine that keeps
+TP=2; the context limit and logprobs; bad knobs (start-up errors, 400s on a served engine that keeps
 serving). The oracle equals plain decoding seed for seed (tests/test_spiffy_reference.py), so
 these outputs are plain block diffusion's, with fewer forwards."""
 import os
@@ -18,6 +18,7 @@ from vllm_dllm_spec.methods import max_total_tokens  # noqa: E402
 from vllm_dllm_spec.reference import SDARModel, generate  # noqa: E402
 from vllm_dllm_spec.reference.spiffy import DraftGraph, spiffy_generate  # noqa: E402
 from vllm_dllm_spec.testing import VLLMServer, shutdown_llm  # noqa: E402
+from test_logprobs import check_offline  # noqa: E402
 from vllm_helpers import prompts_for, request_configs  # noqa: E402
 
 MAX_TOKENS = [23, 9, 30, 8, 17, 5, 25, 12]
@@ -59,8 +60,7 @@ def graph_files(tmp_path_factory):
     return paths
 
 
-CASES = [  # (checkpoint fixture, graph budget, prefix caching)
-    ("tiny_ckpt", 4, False),
+CASES = [  # (checkpoint fixture, graph budget, prefix caching); budget 4: TP=2 and the served engine
     ("tiny_ckpt", 2, True),
     ("ckpt_b8", 6, True),
     ("ckpt_b8", 3, False),
@@ -175,7 +175,7 @@ def test_tp2_equals_oracle(tiny_tied_ckpt, graph_files, monkeypatch):
 def test_context_limit(tiny_ckpt, graph_files):
     """max_model_len 64, 3 copies of block 4 per step: a request holds at most 56 tokens; without
     max_tokens the output is cut there ("length") exactly like the oracle's; a prompt without
-    room is refused and the engine keeps serving."""
+    room is refused and the engine keeps serving (with logprobs equal to the oracle's)."""
     from vllm import LLM
     from vllm.exceptions import VLLMValidationError
 
@@ -195,9 +195,16 @@ def test_context_limit(tiny_ckpt, graph_files):
             assert o.kv_transfer_params["dllm_spec"]["num_forwards"] == r.num_forwards
         with pytest.raises(VLLMValidationError, match=rf"at most {room - 1} tokens"):
             run(llm, [[5] * room], [None], [None], [(0.0, 0, 1.0, None)])
-        (o,) = run(llm, [[5, 6, 7]], [None], [6], [(0.0, 0, 1.0, None)])
-        assert list(o.outputs[0].token_ids) == spiffy_generate(model, [5, 6, 7], gen_length=6, graph=dag(4),
-                                                               graph_budget=3).tokens
+        # still serving; sample logprobs (greedy and seeded) are the oracle's
+        from vllm import SamplingParams
+
+        params = [SamplingParams(max_tokens=9, temperature=0, logprobs=2),
+                  SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=3, logprobs=3)]
+        outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 2, params, use_tqdm=False)
+        for o, sp in zip(outs, params):
+            want = spiffy_generate(model, [5, 6, 7], gen_length=sp.max_tokens, graph=dag(4), graph_budget=3,
+                                   temperature=sp.temperature, top_k=sp.top_k, seed=sp.seed)
+            check_offline(o.outputs[0], want, sp.logprobs)
     finally:
         shutdown_llm(llm)
 
