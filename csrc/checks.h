@@ -130,4 +130,59 @@ inline std::tuple<int64_t, int64_t, int64_t, int64_t> check_graph_inputs(
   return {R, N, next.size(2), L};
 }
 
+// region_attention: dims of the region rows and the paged cache.
+struct RegionDims {
+  int64_t R, Q, H, Hkv, D, num_blocks, block_size, max_blocks;
+};
+
+inline bool is_attention_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline RegionDims check_region_attention(const at::Tensor& query, const at::Tensor& key,
+                                         const at::Tensor& value, const at::Tensor& region_index,
+                                         const at::Tensor& kind, const at::Tensor& step,
+                                         const at::Tensor& block_idx, const at::Tensor& k_cache,
+                                         const at::Tensor& v_cache, const at::Tensor& block_table,
+                                         const at::Tensor& prefix_len) {
+  TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, H, D], got shape ", query.sizes());
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3, "key and value must be [num_tokens, Hkv, D], got ",
+              key.sizes(), " and ", value.sizes());
+  const int64_t T = query.size(0), H = query.size(1), D = query.size(2), Hkv = key.size(1);
+  TORCH_CHECK(key.size(0) == T && value.size(0) == T && key.size(2) == D && value.sizes() == key.sizes(),
+              "key and value must be [num_tokens, Hkv, D] = [", T, ", Hkv, ", D, "], got ", key.sizes(),
+              " and ", value.sizes());
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "num_heads H = ", H, " must be a multiple of num_kv_heads Hkv = ", Hkv);
+  TORCH_CHECK(is_attention_float(query.scalar_type()),
+              "query must be float32, bfloat16 or float16, got ", query.scalar_type());
+  for (const at::Tensor* t : {&key, &value, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->scalar_type() == query.scalar_type(), "key, value, k_cache, v_cache must have the "
+                "query's dtype ", query.scalar_type(), ", got ", t->scalar_type());
+  }
+  check_int64(region_index, "region_index", 2);
+  const int64_t R = region_index.size(0), Q = region_index.size(1);
+  check_int64(kind, "kind", 2);
+  check_int64(step, "step", 2);
+  check_int64(block_idx, "block_idx", 2);
+  TORCH_CHECK(kind.sizes() == region_index.sizes() && step.sizes() == region_index.sizes() &&
+                  block_idx.sizes() == region_index.sizes(),
+              "kind, step, block_idx must be [R, Q] = ", region_index.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "k_cache and v_cache must be [num_blocks, block_size, Hkv, D] of one shape, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(k_cache.size(2) == Hkv && k_cache.size(3) == D, "k_cache must be [num_blocks, block_size, ",
+              Hkv, ", ", D, "], got ", k_cache.sizes());
+  TORCH_CHECK(k_cache.size(1) >= 1, "k_cache block_size must be >= 1");
+  check_int64(block_table, "block_table", 2);
+  check_int64(prefix_len, "prefix_len", 1);
+  TORCH_CHECK(block_table.size(0) == R && prefix_len.size(0) == R,
+              "block_table and prefix_len must have R = ", R, " rows, got ", block_table.sizes(),
+              " and ", prefix_len.sizes());
+  for (const at::Tensor* t : {&key, &value, &region_index, &kind, &step, &block_idx, &k_cache,
+                              &v_cache, &block_table, &prefix_len}) {
+    check_same_device(query, *t, "region_attention input");
+  }
+  return {R, Q, H, Hkv, D, k_cache.size(0), k_cache.size(1), block_table.size(1)};
+}
+
 }  // namespace dllm_spec

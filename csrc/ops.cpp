@@ -37,4 +37,10 @@ TORCH_LIBRARY(dllm_spec, m) {
   // parent [num_reqs, N] or None (int64) -> (path_len [num_reqs], path [num_reqs, D])
   m.def("graph_accept(Tensor node_states, Tensor next_states, Tensor num_nodes, Tensor? parent) "
         "-> (Tensor, Tensor)");
+  // query [T, H, D], key/value [T, Hkv, D], region_index/kind/step/block_idx [R, Q] (int64),
+  // k_cache/v_cache [num_blocks, block_size, Hkv, D] (strided views of the paged cache),
+  // block_table [R, max_blocks], prefix_len [R] (int64) -> [R, Q, H, D] in query's dtype
+  m.def("region_attention(Tensor query, Tensor key, Tensor value, Tensor region_index, "
+        "Tensor kind, Tensor step, Tensor block_idx, Tensor k_cache, Tensor v_cache, "
+        "Tensor block_table, Tensor prefix_len, float scale) -> Tensor");
 }

@@ -77,6 +77,11 @@ if HAS_C:
         shape = num_nodes.shape
         return num_nodes.new_empty(shape), num_nodes.new_empty(shape), num_nodes.new_empty(shape)
 
+    @torch.library.register_fake("dllm_spec::region_attention")
+    def _region_attention_fake(query, key, value, region_index, kind, step, block_idx, k_cache, v_cache,
+                               block_table, prefix_len, scale):
+        return query.new_empty((*region_index.shape, query.shape[1], query.shape[2]))
+
     @torch.library.register_fake("dllm_spec::graph_accept")
     def _graph_accept_fake(node_states, next_states, num_nodes, parent):
         return num_nodes.new_empty(num_nodes.shape), num_nodes.new_empty((num_nodes.shape[0], next_states.shape[2]))
@@ -371,8 +376,73 @@ def graph_accept(node_states: torch.Tensor, next_states: torch.Tensor, num_nodes
     return graph_accept_ref(node_states, next_states, num_nodes, parent)
 
 
+# ----------------------------------------------------------------------------------------------
+# 5. Region attention (SimSD / PSD / Spiffy verify rows on the paged KV cache)
+# ----------------------------------------------------------------------------------------------
+def block_copies_triples(num_reqs: int, num_copies: int, block_length: int,
+                         device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """(kind, step, block_idx) [num_reqs, num_copies * block_length] of PSD's / Spiffy's block
+    copies: every token a mask copy at step 0 of draft block `copy`. Under `ref_visible` that is
+    the block-diagonal mask (a mask copy sees the copies of its own block with label >= its own,
+    i.e. all of them, and no token of another block: earlier blocks show only data tokens)."""
+    Q = num_copies * block_length
+    blk = (torch.arange(Q, device=device) // block_length).expand(num_reqs, Q)
+    zeros = torch.zeros_like(blk)
+    return zeros + KIND_MASK, zeros, blk.clone()
+
+
+def region_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         region_index: torch.Tensor, kind: torch.Tensor, step: torch.Tensor,
+                         block_idx: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_table: torch.Tensor, prefix_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the verify-region rows: gathered keys, a materialised mask, softmax.
+
+    query [T, H, D], key/value [T, Hkv, D] (H % Hkv == 0; head h reads kv head h // (H / Hkv));
+    region_index [R, Q]: the flat token of each region row; kind/step/block_idx [R, Q]: its
+    (kind, step, block) triple; k_cache/v_cache [num_blocks, block_size, Hkv, D] (views of the
+    paged cache); block_table [R, max_blocks]; prefix_len [R]. Region row i of request r sees the
+    cached positions p < prefix_len[r] (slot block_table[r, p // block_size], p % block_size) and
+    region token j iff ref_visible(triple i, triple j) (`ref_token_mask_ref`). Scores
+    scale * q.k in fp32, softmax, fp32 weighted sum of values -> [R, Q, H, D] in query's dtype.
+    """
+    R, Q = region_index.shape
+    H, D = query.shape[1:]
+    G = H // key.shape[1]
+    dev = query.device
+    if R == 0 or Q == 0:
+        return query.new_empty((R, Q, H, D))
+    L = int(prefix_len.max())
+    bs = k_cache.shape[1]
+    pos = torch.arange(L, device=dev)  # [L]
+    valid = pos[None, :] < prefix_len[:, None]  # [R, L]
+    blk = block_table.gather(1, (pos // bs).clamp(max=max(block_table.shape[1] - 1, 0)).expand(R, L))
+    blk = torch.where(valid, blk, 0)  # [R, L]; positions past a request's prefix are masked below
+    pk, pv = k_cache[blk, pos % bs], v_cache[blk, pos % bs]  # [R, L, Hkv, D]
+    keys = torch.cat([pk, key[region_index]], dim=1).repeat_interleave(G, dim=2).float()  # [R, L+Q, H, D]
+    vals = torch.cat([pv, value[region_index]], dim=1).repeat_interleave(G, dim=2).float()
+    region = ref_token_mask_ref(torch.arange(R + 1, device=dev) * Q, kind.flatten(), step.flatten(),
+                                block_idx.flatten(), Q).view(R, Q, Q)
+    mask = torch.cat([valid[:, None, :].expand(R, Q, L), region], dim=2)  # [R, Q, L + Q]
+    scores = torch.einsum("rqhd,rkhd->rhqk", query[region_index].float(), keys) * scale  # [R, H, Q, L+Q]
+    probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+    return torch.einsum("rhqk,rkhd->rqhd", probs, vals).to(query.dtype)
+
+
+def region_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     region_index: torch.Tensor, kind: torch.Tensor, step: torch.Tensor,
+                     block_idx: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_table: torch.Tensor, prefix_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """See `region_attention_ref`. [R, Q, H, D] in query's dtype; the mask is never built."""
+    args = (query, key, value, region_index, kind, step, block_idx, k_cache, v_cache, block_table,
+            prefix_len, float(scale))
+    if _use_c("region_attention", query):
+        return torch.ops.dllm_spec.region_attention(*args)
+    return region_attention_ref(*args)
+
+
 __all__ = [
-    "BACKEND", "C_LOAD_ERROR", "HAS_C", "KIND_DATA", "KIND_MASK", "PROB_SCALE", "chain_parents",
+    "BACKEND", "C_LOAD_ERROR", "HAS_C", "KIND_DATA", "KIND_MASK", "PROB_SCALE", "block_copies_triples",
+    "chain_parents", "region_attention", "region_attention_ref",
     "expand_with_prefix", "graph_accept", "graph_accept_ref", "greedy_match", "greedy_match_ref", "has_kernel", "hierarchical_accept",
     "hierarchical_accept_ref", "ref_token_mask", "ref_token_mask_ref", "rejection_sample",
     "rejection_sample_ref", "sample_quantized_ref", "simsd_layout",

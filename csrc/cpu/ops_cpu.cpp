@@ -277,6 +277,159 @@ std::tuple<at::Tensor, at::Tensor> graph_accept_cpu(const at::Tensor& node_state
   return {path_len, path};
 }
 
+// ---------------------------------------------------------------------------------------------
+// region_attention: per (request, kv head), the prefix keys/values (read through the block
+// table) and the region's own are gathered once into fp32 scratch; every query row of the H / Hkv
+// heads sharing that kv head then attends over them with the reference-token mask evaluated per
+// (query, key) by ref_visible. No [Q, Q] or [Q, L + Q] mask exists anywhere.
+// ---------------------------------------------------------------------------------------------
+// 16 independent accumulators: GCC vectorizes the fixed-length inner loop (one zmm FMA per
+// iteration in the x86-64-v4 clone) without reassociation flags.
+inline float dot_f32(const float* __restrict__ a, const float* __restrict__ b, int64_t D) {
+  float acc[16] = {0.f};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    for (int u = 0; u < 16; ++u) acc[u] += a[d + u] * b[d + u];
+  }
+  float s = 0.f;
+  for (; d < D; ++d) s += a[d] * b[d];
+  for (int u = 0; u < 16; ++u) s += acc[u];
+  return s;
+}
+
+// Rows (g, i) of G heads x Q region queries, qs [G, Q, D], over keys K, V [L + Q, D] (the first L
+// are the prefix, always visible; key L + j is region token j, visible iff ref_visible). p [L + Q]
+// is scratch; out [G, Q, D]. Softmax in fp32: max, exp, sum, then the weighted sum of V.
+DLLM_SPEC_CLONES void attend_rows_f32(const float* __restrict__ qs, int64_t G, int64_t Q, int64_t D,
+                                      const float* __restrict__ K, const float* __restrict__ V,
+                                      int64_t L, const int64_t* kd, const int64_t* st,
+                                      const int64_t* bk, float scale, float* __restrict__ p,
+                                      float* __restrict__ out) {
+  const int64_t n = L + Q;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < Q; ++i) {
+      const float* q = qs + (g * Q + i) * D;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < L; ++j) {
+        p[j] = dot_f32(q, K + j * D, D) * scale;
+        m = std::max(m, p[j]);
+      }
+      for (int64_t j = 0; j < Q; ++j) {
+        float s = -INFINITY;
+        if (ref_visible(kd[i], st[i], bk[i], kd[j], st[j], bk[j])) {
+          s = dot_f32(q, K + (L + j) * D, D) * scale;
+          m = std::max(m, s);
+        }
+        p[L + j] = s;
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = std::exp(p[j] - m);  // exp(-inf) = 0: masked keys drop out
+        sum += p[j];
+      }
+      float* o = out + (g * Q + i) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = p[j];
+        if (w == 0.f) continue;
+        const float* v = V + j * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  }
+}
+
+template <typename scalar_t>
+inline void load_f32(const scalar_t* src, int64_t stride, int64_t D, float* dst) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d * stride]);
+}
+
+template <typename scalar_t>
+void region_attention_kernel(const RegionDims& dm, const at::Tensor& query, const at::Tensor& key,
+                             const at::Tensor& value, const int64_t* ri, const int64_t* kd,
+                             const int64_t* st, const int64_t* bk, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const int64_t* bt, const int64_t* plen,
+                             float scale, at::Tensor& out) {
+  const int64_t R = dm.R, Q = dm.Q, H = dm.H, Hkv = dm.Hkv, D = dm.D, G = H / Hkv;
+  const int64_t bs = dm.block_size, MB = dm.max_blocks;
+  const scalar_t *qp = query.data_ptr<scalar_t>(), *kp = key.data_ptr<scalar_t>(),
+                 *vp = value.data_ptr<scalar_t>();
+  const scalar_t *kc = k_cache.data_ptr<scalar_t>(), *vc = v_cache.data_ptr<scalar_t>();
+  const auto qs = query.strides(), ks = key.strides(), vs = value.strides();
+  const auto kcs = k_cache.strides(), vcs = v_cache.strides();
+  scalar_t* op = out.data_ptr<scalar_t>();  // [R, Q, H, D] contiguous
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kbuf, vbuf, qbuf(G * Q * D), obuf(G * Q * D), pbuf;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / Hkv, hk = task % Hkv, L = plen[r], n = L + Q;
+      kbuf.resize(n * D);
+      vbuf.resize(n * D);
+      pbuf.resize(n);
+      for (int64_t pos = 0; pos < L; ++pos) {  // prefix: paged cache through the block table
+        const int64_t blk = bt[r * MB + pos / bs], off = pos % bs;
+        load_f32(kc + blk * kcs[0] + off * kcs[1] + hk * kcs[2], kcs[3], D, &kbuf[pos * D]);
+        load_f32(vc + blk * vcs[0] + off * vcs[1] + hk * vcs[2], vcs[3], D, &vbuf[pos * D]);
+      }
+      const int64_t* rr = ri + r * Q;
+      for (int64_t j = 0; j < Q; ++j) {  // the region's own keys and values
+        load_f32(kp + rr[j] * ks[0] + hk * ks[1], ks[2], D, &kbuf[(L + j) * D]);
+        load_f32(vp + rr[j] * vs[0] + hk * vs[1], vs[2], D, &vbuf[(L + j) * D]);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < Q; ++i) {
+          load_f32(qp + rr[i] * qs[0] + (hk * G + g) * qs[1], qs[2], D, &qbuf[(g * Q + i) * D]);
+        }
+      }
+      attend_rows_f32(qbuf.data(), G, Q, D, kbuf.data(), vbuf.data(), L, kd + r * Q, st + r * Q,
+                      bk + r * Q, scale, pbuf.data(), obuf.data());
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < Q; ++i) {
+          scalar_t* o = op + ((r * Q + i) * H + hk * G + g) * D;
+          const float* src = &obuf[(g * Q + i) * D];
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(src[d]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor region_attention_cpu(const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& region_index,
+                                const at::Tensor& kind, const at::Tensor& step,
+                                const at::Tensor& block_idx, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& block_table,
+                                const at::Tensor& prefix_len, double scale) {
+  const RegionDims dm = check_region_attention(query, key, value, region_index, kind, step,
+                                               block_idx, k_cache, v_cache, block_table, prefix_len);
+  const auto ri_t = region_index.contiguous(), kd_t = kind.contiguous(), st_t = step.contiguous();
+  const auto bk_t = block_idx.contiguous(), bt_t = block_table.contiguous(), pl_t = prefix_len.contiguous();
+  const int64_t *ri = ri_t.data_ptr<int64_t>(), *bt = bt_t.data_ptr<int64_t>(), *pl = pl_t.data_ptr<int64_t>();
+  const int64_t T = query.size(0);
+  for (int64_t x = 0; x < dm.R * dm.Q; ++x) {
+    TORCH_CHECK(ri[x] >= 0 && ri[x] < T, "region_index[", x / dm.Q, ", ", x % dm.Q, "] = ", ri[x],
+                " outside [0, ", T, ")");
+  }
+  for (int64_t r = 0; r < dm.R; ++r) {
+    TORCH_CHECK(pl[r] >= 0 && pl[r] <= dm.max_blocks * dm.block_size, "prefix_len[", r, "] = ", pl[r],
+                " outside [0, max_blocks * block_size = ", dm.max_blocks * dm.block_size, "]");
+    for (int64_t b = 0; b * dm.block_size < pl[r]; ++b) {
+      const int64_t blk = bt[r * dm.max_blocks + b];
+      TORCH_CHECK(blk >= 0 && blk < dm.num_blocks, "block_table[", r, ", ", b, "] = ", blk,
+                  " outside [0, num_blocks = ", dm.num_blocks, ")");
+    }
+  }
+  auto out = at::empty({dm.R, dm.Q, dm.H, dm.D}, query.options());  // [R, Q, H, D]
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "region_attention_cpu", [&] {
+    region_attention_kernel<scalar_t>(dm, query, key, value, ri, kd_t.data_ptr<int64_t>(),
+                                      st_t.data_ptr<int64_t>(), bk_t.data_ptr<int64_t>(), k_cache,
+                                      v_cache, bt, pl, static_cast<float>(scale), out);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dllm_spec, CPU, m) {
@@ -285,6 +438,7 @@ TORCH_LIBRARY_IMPL(dllm_spec, CPU, m) {
   m.impl("rejection_sample", &rejection_sample_cpu);
   m.impl("hierarchical_accept", &hierarchical_accept_cpu);
   m.impl("graph_accept", &graph_accept_cpu);
+  m.impl("region_attention", &region_attention_cpu);
 }
 
 }  // namespace dllm_spec

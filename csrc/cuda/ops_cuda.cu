@@ -332,6 +332,117 @@ std::tuple<at::Tensor, at::Tensor> graph_accept_cuda(const at::Tensor& node_stat
   return {path_len, path};
 }
 
+// ---------------------------------------------------------------------------------------------
+// 5. region_attention: one block per (request, head, tile of kRegionRows query rows), one warp per
+// row; each lane holds D / 32 elements of q and of the fp32 accumulator. Keys are visited in
+// order (the prefix through the block table, then the region tokens ref_visible lets the row
+// see), with an online softmax (running max and sum). No mask tensor is built.
+// ---------------------------------------------------------------------------------------------
+constexpr int kRegionRows = 4;      // warps (query rows) per block
+constexpr int kMaxDPerLane = 8;     // head_dim <= 256
+
+template <typename scalar_t>
+__global__ void region_attention_kernel(
+    const scalar_t* __restrict__ qp, int64_t qs0, int64_t qs1, int64_t qs2,
+    const scalar_t* __restrict__ kp, int64_t ks0, int64_t ks1, int64_t ks2,
+    const scalar_t* __restrict__ vp, int64_t vs0, int64_t vs1, int64_t vs2,
+    const int64_t* __restrict__ ri, const int64_t* __restrict__ kd, const int64_t* __restrict__ st,
+    const int64_t* __restrict__ bk, const scalar_t* __restrict__ kc, int64_t kcs0, int64_t kcs1,
+    int64_t kcs2, int64_t kcs3, const scalar_t* __restrict__ vc, int64_t vcs0, int64_t vcs1,
+    int64_t vcs2, int64_t vcs3, const int64_t* __restrict__ bt, const int64_t* __restrict__ plen,
+    int64_t Q, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t MB, float scale,
+    scalar_t* __restrict__ out) {
+  const int64_t r = blockIdx.x / H, h = blockIdx.x % H, hk = h / (H / Hkv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * kRegionRows + warp;
+  if (i >= Q) return;
+  const int64_t* rr = ri + r * Q;
+  const int64_t kq = kd[r * Q + i], sq = st[r * Q + i], bq = bk[r * Q + i];
+  float q[kMaxDPerLane], acc[kMaxDPerLane];
+#pragma unroll
+  for (int c = 0; c < kMaxDPerLane; ++c) {
+    const int64_t d = lane + 32 * c;
+    q[c] = d < D ? static_cast<float>(qp[rr[i] * qs0 + h * qs1 + d * qs2]) : 0.f;
+    acc[c] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  const int64_t L = plen[r];
+  for (int64_t j = 0; j < L + Q; ++j) {
+    const scalar_t *k, *v;
+    int64_t kst, vst;
+    if (j < L) {
+      const int64_t blk = bt[r * MB + j / bs], off = j % bs;
+      k = kc + blk * kcs0 + off * kcs1 + hk * kcs2;
+      v = vc + blk * vcs0 + off * vcs1 + hk * vcs2;
+      kst = kcs3, vst = vcs3;
+    } else {
+      const int64_t x = r * Q + (j - L);
+      if (!ref_visible(kq, sq, bq, kd[x], st[x], bk[x])) continue;  // uniform across the warp
+      k = kp + rr[j - L] * ks0 + hk * ks1;
+      v = vp + rr[j - L] * vs0 + hk * vs1;
+      kst = ks2, vst = vs2;
+    }
+    float part = 0.f;
+#pragma unroll
+    for (int c = 0; c < kMaxDPerLane; ++c) {
+      const int64_t d = lane + 32 * c;
+      if (d < D) part += q[c] * static_cast<float>(k[d * kst]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) part += __shfl_xor_sync(0xffffffffu, part, o);
+    const float s = part * scale;
+    const float m_new = fmaxf(m, s);
+    const float corr = expf(m - m_new);  // 0 on the first key (m = -inf)
+    const float p = expf(s - m_new);
+    l = l * corr + p;
+#pragma unroll
+    for (int c = 0; c < kMaxDPerLane; ++c) {
+      const int64_t d = lane + 32 * c;
+      if (d < D) acc[c] = acc[c] * corr + p * static_cast<float>(v[d * vst]);
+    }
+    m = m_new;
+  }
+  scalar_t* o = out + ((r * Q + i) * H + h) * D;
+#pragma unroll
+  for (int c = 0; c < kMaxDPerLane; ++c) {
+    const int64_t d = lane + 32 * c;
+    if (d < D) o[d] = static_cast<scalar_t>(acc[c] / l);
+  }
+}
+
+at::Tensor region_attention_cuda(const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& region_index,
+                                 const at::Tensor& kind, const at::Tensor& step,
+                                 const at::Tensor& block_idx, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& block_table,
+                                 const at::Tensor& prefix_len, double scale) {
+  const RegionDims dm = check_region_attention(query, key, value, region_index, kind, step,
+                                               block_idx, k_cache, v_cache, block_table, prefix_len);
+  TORCH_CHECK(dm.D <= 32 * kMaxDPerLane, "region_attention on CUDA supports head_dim <= ",
+              32 * kMaxDPerLane, ", got ", dm.D);
+  const c10::cuda::OptionalCUDAGuard guard(query.device());
+  const auto ri = region_index.contiguous(), kd = kind.contiguous(), st = step.contiguous();
+  const auto bk = block_idx.contiguous(), bt = block_table.contiguous(), pl = prefix_len.contiguous();
+  auto out = at::empty({dm.R, dm.Q, dm.H, dm.D}, query.options());  // [R, Q, H, D]
+  if (out.numel() == 0) return out;
+  const dim3 grid(static_cast<unsigned>(dm.R * dm.H), static_cast<unsigned>(ceil_div(dm.Q, kRegionRows)));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "region_attention_cuda", [&] {
+    region_attention_kernel<scalar_t><<<grid, 32 * kRegionRows, 0, stream>>>(
+        query.data_ptr<scalar_t>(), query.stride(0), query.stride(1), query.stride(2),
+        key.data_ptr<scalar_t>(), key.stride(0), key.stride(1), key.stride(2),
+        value.data_ptr<scalar_t>(), value.stride(0), value.stride(1), value.stride(2),
+        ri.data_ptr<int64_t>(), kd.data_ptr<int64_t>(), st.data_ptr<int64_t>(), bk.data_ptr<int64_t>(),
+        k_cache.data_ptr<scalar_t>(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(3), v_cache.data_ptr<scalar_t>(), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), v_cache.stride(3), bt.data_ptr<int64_t>(), pl.data_ptr<int64_t>(), dm.Q,
+        dm.H, dm.Hkv, dm.D, dm.block_size, dm.max_blocks, static_cast<float>(scale),
+        out.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dllm_spec, CUDA, m) {
@@ -340,6 +451,7 @@ TORCH_LIBRARY_IMPL(dllm_spec, CUDA, m) {
   m.impl("rejection_sample", &rejection_sample_cuda);
   m.impl("hierarchical_accept", &hierarchical_accept_cuda);
   m.impl("graph_accept", &graph_accept_cuda);
+  m.impl("region_attention", &region_attention_cuda);
 }
 
 }  // namespace dllm_spec
