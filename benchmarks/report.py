@@ -24,7 +24,25 @@ def where(data: dict) -> str:
         f", load average at start {load[0]:.1f}" if load else "")
 
 
-def throughput_section(data: dict, plot_rel: str | None) -> list[str]:
+def phases_lines(data: dict, plot_rel: str | None) -> list[str]:
+    rows = [r for r in data["results"] if "phases_ms_per_step" in r]
+    if not rows:
+        return []
+    phases = list(rows[0]["phases_ms_per_step"])
+    lines = ["", "Time per engine step by phase (ms, exclusive, one profiled run after the timed ones; "
+             "`benchmarks/phases.py`):", "",
+             "| block | batch | method | " + " | ".join(phases) + " | step |",
+             "|---|---|---|" + "---|" * (len(phases) + 1)]
+    for r in rows:
+        values = r["phases_ms_per_step"]
+        lines.append(f"| {r['block']} | {r['batch']} | {r['method']} | "
+                     + " | ".join(f"{values[p]:.1f}" for p in phases) + f" | {sum(values.values()):.1f} |")
+    if plot_rel:
+        lines += ["", f"![time per step by phase]({plot_rel})"]
+    return lines
+
+
+def throughput_section(data: dict, plot_rel: str | None, phases_plot_rel: str | None = None) -> list[str]:
     lines = ["### Offline throughput (`benchmarks/throughput.py`)", "", where(data) + f"; generation length {data['gen_length']}.", "",
              "| block | batch | method | tokens/s | tokens/forward | forwards/request | draft fwd/token | "
              "accepted/round | vs ar | vs dynamic | vs vllm_ar |",
@@ -43,7 +61,7 @@ def throughput_section(data: dict, plot_rel: str | None) -> list[str]:
               "plugin `ar` against it is the plugin's own overhead."]
     if plot_rel:
         lines += ["", f"![throughput]({plot_rel})"]
-    return lines + [""]
+    return lines + phases_lines(data, phases_plot_rel) + [""]
 
 
 def reference_section(data: dict) -> list[str]:
@@ -129,13 +147,15 @@ def render(results: Path, docs: Path) -> str:
     path = results / "throughput.json"
     if path.is_file():
         found = True
-        plot = path.with_suffix(".png")
-        rel = None
-        if plot.is_file():
-            docs.mkdir(parents=True, exist_ok=True)
-            shutil.copy(plot, docs / "throughput.png")
-            rel = str((docs / "throughput.png").relative_to(ROOT))
-        out += throughput_section(json.loads(path.read_text()), rel)
+        rels = []
+        for plot in (path.with_suffix(".png"), path.with_name("throughput_phases.png")):
+            rel = None
+            if plot.is_file():
+                docs.mkdir(parents=True, exist_ok=True)
+                shutil.copy(plot, docs / plot.name)
+                rel = str((docs / plot.name).relative_to(ROOT))
+            rels.append(rel)
+        out += throughput_section(json.loads(path.read_text()), *rels)
     for name, section in (("reference_vs_vllm", reference_section), ("quality", quality_section),
                           ("simsd_quality", simsd_section), ("psd_oracle", psd_section), ("serve", serve_section)):
         path = results / f"{name}.json"

@@ -23,6 +23,10 @@ Reported per (method, block, batch): output tokens/s, tokens per (target) forwar
 forwards per request, tokens finalised per step, draft forwards and accepted tokens per round
 (SimSD), and the tokens/s ratios against `dynamic` and `ar` of the same block and batch
 and `vllm_ar` (measured in the same run, runs interleaved). Writes JSON and a PNG plot.
+After the timed runs of a batch size, every method runs once more under `phases.PhaseProfiler`:
+the mean time per engine step split into engine / scheduler / runner Python / draft /
+acceptance / target forward outside attention / attention / region attention (JSON
+`phases_ms_per_step`, stacked bars in `<out>_phases.png`). The timed runs carry no profiler.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets the vLLM environment before vLLM is imported)
+from phases import PHASES, PhaseProfiler  # noqa: E402
 
 PRESETS = {
     "smoke": dict(blocks=[4], batches=[1, 4], gen_length=16, reps=1),
@@ -140,6 +145,44 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
+def profiled_run(llm, prompts, gen_length: int, extra_args: dict) -> dict:
+    """One extra run with the phase profiler attached: mean ms per engine step and phase."""
+    profiler = PhaseProfiler(llm)
+    try:
+        run_batch(llm, prompts, gen_length, extra_args)
+        return {"phases_ms_per_step": profiler.per_step_ms(), "profiled_steps": profiler.steps}
+    finally:
+        profiler.detach()
+
+
+def plot_phases(results: list[dict], path: Path) -> str | None:
+    """Stacked bars: time per engine step by phase, one bar per (method, batch), one panel per block."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    blocks = sorted({r["block"] for r in results})
+    fig, axes = plt.subplots(len(blocks), 1, figsize=(max(8, 0.45 * len(results) / len(blocks) + 3), 4 * len(blocks)),
+                             squeeze=False)
+    for ax, block in zip(axes[:, 0], blocks):
+        rows = [r for r in results if r["block"] == block and "phases_ms_per_step" in r]
+        labels = [f"{r['method']}\nb{r['batch']}" for r in rows]
+        bottom = [0.0] * len(rows)
+        for phase in PHASES:
+            values = [r["phases_ms_per_step"][phase] for r in rows]
+            ax.bar(labels, values, bottom=bottom, label=phase)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set(title=f"block {block}: time per engine step", ylabel="ms per step")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return str(path)
+
+
 def plot(results: list[dict], path: Path) -> str | None:
     try:
         import matplotlib
@@ -200,8 +243,9 @@ def main(argv=None) -> dict:
                     bar.update()
             for name, (engine, extra) in runs_of.items():
                 knobs = extra or speculative_methods(block, draft_dir, model_dir).get(name, {"plugin": False})
+                profile = profiled_run(engines[engine], all_prompts[:batch], preset["gen_length"], extra)
                 results.append({"method": name, "block": block, "batch": batch, "knobs": knobs,
-                                **summarize(runs[name])})
+                                **summarize(runs[name]), **profile})
         for llm in engines.values():
             shutdown_llm(llm)
     bar.close()
@@ -214,6 +258,7 @@ def main(argv=None) -> dict:
     path = common.write_json("throughput", {"preset": args.preset, "model": model_dir,
                                             "gen_length": preset["gen_length"], "results": results}, args.out)
     png = plot(results, path.with_suffix(".png"))
+    plot_phases(results, path.with_name(path.stem + "_phases.png"))
     top = max(results, key=lambda r: (r["batch"], r["block"] == 4))
     best = {r["method"]: r for r in results if r["batch"] == top["batch"] and r["block"] == top["block"]}
     print(f"SUMMARY throughput block={top['block']} batch={top['batch']}: "

@@ -46,6 +46,15 @@ def test_throughput_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
         assert (r["draft_forwards_per_token"] > 0) == speculative
         assert (r["accepted_per_round"] is not None) == speculative
     assert out.with_suffix(".png").is_file()
+    # per-phase profile: every row, exclusive ms per step; drafting and the region only where they exist
+    assert out.with_name("throughput_phases.png").is_file()
+    for r in rows:
+        phases = r["phases_ms_per_step"]
+        assert r["profiled_steps"] > 0 and all(v >= 0 for v in phases.values())
+        assert phases["attention"] > 0 and phases["target_rest"] > 0 and phases["runner"] > 0
+        speculative = r["method"].startswith("simsd") or r["method"] == "psd"
+        assert (phases["region_attn"] > 0) == speculative
+        assert (phases["draft"] > 0) == speculative
 
 
 @pytest.mark.slow
