@@ -14,7 +14,8 @@ share an engine and differ by per-request `extra_args`). Methods:
   simsd       SimSD with the bundled draft model (when there is one)
   psd         PSD-style self-speculation, dynamic 0.85, draft depth 3 (lossless: dynamic's tokens)
   spiffy      Spiffy, dynamic 0.85, the draft graph shipped with the model at that block (else
-              PSD's chain as a graph), 4 and 6 block copies per step (lossless: dynamic's tokens)
+              PSD's chain as a graph), 4 block copies per step, as many as PSD's depth 3 evaluates
+              at most (lossless: dynamic's tokens)
   vllm_ar     the same weights served by vLLM itself as an autoregressive Qwen3 model (no plugin
               code on the path: a copy of the checkpoint whose config says Qwen3ForCausalLM):
               what ordinary vLLM serving costs. The tiny model was not trained autoregressively,
@@ -69,10 +70,8 @@ def speculative_methods(block: int, draft_dir: str | None, model_dir: str) -> di
         table["simsd"] = {**simsd, "draft_model": common.model_at_block(draft_dir, block)}
     table["psd"] = {"method": "psd", "draft_depth": 3, "remasking_strategy": "low_confidence_dynamic",
                     "confidence_threshold": 0.85}
-    for budget in (4, 6):
-        table[f"spiffy{budget}"] = {"method": "spiffy", "draft_graph": graph_for(model_dir, block),
-                                    "graph_budget": budget, "remasking_strategy": "low_confidence_dynamic",
-                                    "confidence_threshold": 0.85}
+    table["spiffy"] = {"method": "spiffy", "draft_graph": graph_for(model_dir, block), "graph_budget": 4,
+                       "remasking_strategy": "low_confidence_dynamic", "confidence_threshold": 0.85}
     return table
 
 

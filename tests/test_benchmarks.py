@@ -27,7 +27,7 @@ def test_throughput_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
     assert data["machine"]["cores"] >= 1
     rows = data["results"]
     assert {r["method"] for r in rows} == {"ar", "static", "dynamic", "entropy", "simsd", "simsd_self", "psd",
-                                           "vllm_ar"}
+                                           "spiffy", "vllm_ar"}
     for r in rows:
         same = {x["method"]: x for x in rows if x["block"] == r["block"] and x["batch"] == r["batch"]}
         assert r["ratio_vs_ar"] == pytest.approx(r["tokens_per_s"] / same["ar"]["tokens_per_s"])
