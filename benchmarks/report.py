@@ -91,19 +91,25 @@ def simsd_section(data: dict) -> list[str]:
 
 
 def psd_section(data: dict) -> list[str]:
-    lines = ["### PSD-style self-speculation, oracle (`benchmarks/psd_oracle.py`)", "", where(data) + ".", "",
-             f"{data['num_prompts']} held-out prompts, {data['gen_length']} tokens, greedy; pure-PyTorch oracle "
-             "(`reference.psd.psd_generate`; the vLLM method `psd` equals it, its tokens/s are in the throughput "
-             "table). Lossless: every output equals plain "
-             "block diffusion's, step_map included.", "",
-             "| strategy | method | draft depth | tokens/forward | vs plain | block copies/token | "
+    lines = ["### Lossless speculation, oracles: PSD and Spiffy (`benchmarks/psd_oracle.py`)", "", where(data) + ".", "",
+             f"{data['num_prompts']} held-out prompts, {data['gen_length']} tokens, greedy; pure-PyTorch oracles "
+             "(`reference.psd.psd_generate`, `reference.spiffy.spiffy_generate`; the vLLM methods equal them, "
+             "their tokens/s are in the throughput table). Copies = block copies per verification forward (PSD's "
+             "draft depth, Spiffy's graph_budget); Spiffy's graphs were calibrated on other prompts. Lossless: "
+             "every output equals plain block diffusion's, step_map included. Pareto plot: "
+             "`benchmarks/results/psd_oracle_pareto.png`.", "",
+             "| B | strategy | method | copies | tokens/forward | vs plain | block copies/token | "
              "accepted steps/verification | identical to plain |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         acc = r["accepted_per_verification"]
-        lines.append(f"| {r['strategy']} | {r['method']} | {r['draft_depth'] or '-'} | {r['tokens_per_forward']:.2f} | "
-                     f"{r['forward_reduction']:.2f}x | {r['block_copies_per_token']:.2f} | "
+        lines.append(f"| {r.get('block_length', '-')} | {r['strategy']} | {r['method']} | {r['draft_depth'] or '-'} | "
+                     f"{r['tokens_per_forward']:.2f} | {r['forward_reduction']:.2f}x | {r['block_copies_per_token']:.2f} | "
                      f"{'-' if acc is None else f'{acc:.2f}'} | {r['identical_to_plain']:.0%} |")
+    for b in data.get("bars", []):
+        lines.append(f"\nSpiffy bar, B={b['block_length']} at {b['copies']} copies: {b['spiffy_tpf']:.3f} tokens/forward "
+                     f"vs PSD {b['psd_tpf']:.3f} ({b['ratio']:.3f}x), copies/token {b['spiffy_copies_per_token']:.3f} "
+                     f"vs {b['psd_copies_per_token']:.3f}: {'met' if b['met'] else 'missed'}.")
     return lines + [""]
 
 

@@ -52,9 +52,9 @@ def test_throughput_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
         phases = r["phases_ms_per_step"]
         assert r["profiled_steps"] > 0 and all(v >= 0 for v in phases.values())
         assert phases["attention"] > 0 and phases["target_rest"] > 0 and phases["runner"] > 0
-        speculative = r["method"].startswith("simsd") or r["method"] == "psd"
-        assert (phases["region_attn"] > 0) == speculative
-        assert (phases["draft"] > 0) == speculative
+        verifies = r["method"].startswith("simsd") or r["method"] in ("psd", "spiffy")
+        assert (phases["region_attn"] > 0) == verifies
+        assert (phases["draft"] > 0) == verifies
 
 
 @pytest.mark.slow
@@ -126,7 +126,8 @@ def test_psd_oracle_smoke(tiny_ckpt, tmp_path):
     out = tmp_path / "psd.json"
     summary = run_bench("psd_oracle.py", tiny_ckpt, out)
     rows = json.loads(out.read_text())["results"]
-    assert {(r["method"], r["draft_depth"]) for r in rows} == {("plain", 0), ("psd", 1), ("psd", 3)}
+    assert {(r["method"], r["draft_depth"]) for r in rows} == {("plain", 0), ("psd", 1), ("psd", 3), ("spiffy", 2),
+                                                               ("spiffy", 3)}
     plain = next(r for r in rows if r["method"] == "plain")
     for r in rows:
         assert r["identical_to_plain"] == 1.0  # lossless
@@ -134,6 +135,7 @@ def test_psd_oracle_smoke(tiny_ckpt, tmp_path):
         assert r["forward_reduction"] >= 1.0
     assert next(r for r in rows if r["draft_depth"] == 1)["forward_reduction"] == pytest.approx(1.0)
     assert "identical to plain 100%" in summary
+    assert (tmp_path / "psd_pareto.png").stat().st_size > 0
     results = tmp_path / "results"
     results.mkdir()
     (results / "psd_oracle.json").write_text(out.read_text())
@@ -141,7 +143,8 @@ def test_psd_oracle_smoke(tiny_ckpt, tmp_path):
     readme.write_text("# x\n")
     subprocess.run([sys.executable, str(BENCH / "report.py"), "--results", str(results), "--readme", str(readme),
                     "--docs", str(tmp_path / "docs")], check=True, capture_output=True)
-    assert "| low_confidence_dynamic | psd | 3 |" in readme.read_text()
+    assert "| 4 | low_confidence_dynamic | psd | 3 |" in readme.read_text()
+    assert "| 4 | low_confidence_dynamic | spiffy | 3 |" in readme.read_text()
 
 
 def test_kernels_smoke(tmp_path):
