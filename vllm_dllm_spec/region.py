@@ -6,22 +6,25 @@ The uncommitted blocks (and every non-SimSD token) go through the project's bloc
 (`vllm_dllm_spec.attention`, the platform's kernel). The verify REGION (`data_k | copies_k`, 2KB
 tokens per request, starting at the in-progress block) needs the reference-token mask, which
 the kernels cannot express; `RegionAttentionMixin.forward` (mixed over the layer's own impl
-class by `install_region_attention`) therefore recomputes the region rows,
-batched over requests with no per-token Python loop:
+class by `install_region_attention`) therefore recomputes the region rows with one op,
+`ops.region_attention` (csrc: C++ on CPU, CUDA on GPU), batched over requests:
 
-    keys = [cached prefix (positions < block_start, read from the paged cache, the uncommitted
-            blocks of this step included: vLLM writes KV before attention) | region keys]
-    mask = [all prefix visible | ops.ref_token_mask(...)]
+    keys = [cached prefix (positions < block_start, read from the paged cache through the block
+            table, the uncommitted blocks of this step included: vLLM writes KV before
+            attention) | region keys]
+    visible = prefix always; region key j iff ref_visible(row's triple, j's triple)
 
-and overwrites the kernel's output rows of the region. The region's own KV is written to the
+evaluated per (query, key) inside the kernel (no [Q, Q] or [Q, L + Q] mask exists), and
+overwrites the kernel's output rows of the region. The region's own KV is written to the
 cache by vLLM at its (sequential) slots; those slots lie after the committed prefix and are
 re-fed next round, never hashed for prefix caching (they are spec tokens).
 
-The prefix keys are read from the paged cache through one reader, `read_prefix_kv`, that knows
-the CPU 'vec' layout and the FA/Triton layout. The step's layout is published by the runner in
-`CURRENT` (module state of this process, on the runner's device, set before the model forward
-and cleared after it). PSD's verify step uses the same fix-up with a
-block-diagonal region mask (one block copy per drafted state; `vllm_dllm_spec.psd.runner`).
+The op reads the paged cache through strided views, `paged_kv`, of the CPU 'vec' layout and the
+FA/Triton layout. The step's layout is published by the runner in `CURRENT` (module state of
+this process, on the runner's device, set before the model forward and cleared after it).
+PSD's (and Spiffy's) verify step uses the same op with block copies (one per drafted state,
+each seeing only itself and the prefix), expressed in the same triples
+(`ops.block_copies_triples`).
 """
 from __future__ import annotations
 
@@ -31,13 +34,20 @@ from dataclasses import dataclass, fields
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
+from vllm_dllm_spec import ops
+
 
 @dataclass
 class VerifyLayout:
+    """What a verify step gives the region attention: per region row a (kind, step, block)
+    triple (the compact mask form of `ops.ref_visible`, docs/CONTRACTS.md) and per request the
+    block table and the cached prefix length; no mask tensor."""
     region_index: torch.Tensor  # [R, Q] flat token index of every region token
-    prefix_slots: torch.Tensor  # [R, L] cache slot of every prefix position (padded with 0)
-    prefix_valid: torch.Tensor  # [R, L] bool
-    region_mask: torch.Tensor  # [R, Q, Q] bool: ref_token_mask per request
+    kind: torch.Tensor  # [R, Q] ops.KIND_DATA / ops.KIND_MASK
+    step: torch.Tensor  # [R, Q] label
+    block_idx: torch.Tensor  # [R, Q] draft block (PSD / Spiffy: block copy)
+    block_table: torch.Tensor  # [R, max_blocks] int64 paged-cache blocks of each request
+    prefix_len: torch.Tensor  # [R] cached positions < prefix_len (the in-progress block's start)
 
     def to(self, device) -> "VerifyLayout":
         """The layout on `device` (once per step, so no layer copies it)."""
@@ -52,12 +62,18 @@ def cache_slots(block_tables: torch.Tensor, positions: torch.Tensor, cache_block
     return block_tables.gather(1, positions // cache_block_size) * cache_block_size + positions % cache_block_size
 
 
-def prefix_layout(block_tables: torch.Tensor, block_starts: torch.Tensor, cache_block_size: int):
-    """The cached prefix every region row sees: positions < block_starts[r] of request r.
-    Returns (slots [R, L], valid [R, L]); slots past a request's prefix are masked by valid."""
-    L = max(1, int(block_starts.max()))
-    prefix = torch.arange(L).expand(len(block_starts), L)  # [R, L]
-    return cache_slots(block_tables.long(), prefix, cache_block_size), prefix < block_starts[:, None]
+def simsd_layout(region_index: torch.Tensor, kind: torch.Tensor, step: torch.Tensor, block_idx: torch.Tensor,
+                 block_tables: torch.Tensor, block_starts: torch.Tensor) -> VerifyLayout:
+    """SimSD's verify layout: the reference-token triples [R, Q] of `data_k | copies_k` per request."""
+    return VerifyLayout(region_index, kind, step, block_idx, block_tables.long(), block_starts.long())
+
+
+def block_copies_layout(region_index: torch.Tensor, block_tables: torch.Tensor, block_starts: torch.Tensor,
+                        num_copies: int, block_length: int) -> VerifyLayout:
+    """PSD's / Spiffy's verify layout: `num_copies` copies of the block, each seeing only itself and
+    the prefix (block-diagonal; `ops.block_copies_triples`)."""
+    triples = ops.block_copies_triples(len(region_index), num_copies, block_length)
+    return VerifyLayout(region_index, *triples, block_tables.long(), block_starts.long())
 
 
 def kv_layout(impl, layer) -> str:
@@ -74,22 +90,19 @@ def kv_layout(impl, layer) -> str:
     return "flash"
 
 
-def read_prefix_kv(layout: str, kv_cache: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, head_size: int):
-    """Keys and values [R, L, Hkv, D] of the paged-cache `slots` [R, L] in `layout`."""
+def paged_kv(layout: str, kv_cache: torch.Tensor, num_kv_heads: int, head_size: int):
+    """Views (no copy) keys, values [num_blocks, block_size, Hkv, D] of the paged cache in `layout`."""
     Hkv, D = num_kv_heads, head_size
     if layout == "vec":
         nb, _, bs, _ = kv_cache.shape
         # keys [nb, Hkv, D, bs] (transposed block interior), values [nb, Hkv, bs, D]
         k_cache = kv_cache.view(nb, Hkv, 2, bs * D)[:, :, 0].view(nb, Hkv, D, bs)
         v_cache = kv_cache.view(nb, Hkv, 2 * bs, D)[:, :, bs:]
-        blk, off = slots // bs, slots % bs  # [R, L]
-        return k_cache[blk, :, :, off], v_cache[blk, :, off, :]
+        return k_cache.permute(0, 3, 1, 2), v_cache.permute(0, 2, 1, 3)
     if layout == "flash":
         # [nb, Hkv, bs, 2D] -> keys, values [nb, bs, Hkv, D] (flash_attn.py / triton_attn.py)
         k_cache, v_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
-        bs = k_cache.shape[1]
-        blk, off = slots // bs, slots % bs  # [R, L]
-        return k_cache[blk, off], v_cache[blk, off]
+        return k_cache, v_cache
     raise ValueError(f"KV layout must be 'vec' or 'flash', got {layout!r}")
 
 
@@ -111,20 +124,11 @@ class RegionAttentionMixin:
             return out
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
         R, Q = lay.region_index.shape
-        pk, pv = read_prefix_kv(kv_layout(self, layer), kv_cache, lay.prefix_slots, Hkv, D)  # [R, L, Hkv, D]
-        idx = lay.region_index.reshape(-1)
-        q = query.view(-1, H, D)[idx].view(R, Q, H, D).transpose(1, 2)  # [R, H, Q, D]
-        rk = key.view(-1, Hkv, D)[idx].view(R, Q, Hkv, D)
-        rv = value.view(-1, Hkv, D)[idx].view(R, Q, Hkv, D)
-        keys = torch.cat([pk.to(rk.dtype), rk], dim=1).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
-        vals = torch.cat([pv.to(rv.dtype), rv], dim=1).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
-        L = pk.shape[1]
-        mask = torch.cat([lay.prefix_valid[:, None, :].expand(R, Q, L), lay.region_mask], dim=2)
-        scores = (q.float() @ keys.float().transpose(-1, -2)) * self.scale  # [R, H, Q, L + Q]
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        res = (scores.softmax(-1) @ vals.float()).to(output.dtype)  # [R, H, Q, D]
-        out_view = output.view(-1, H, D)
-        out_view[idx] = res.transpose(1, 2).reshape(R * Q, H, D)
+        k_cache, v_cache = paged_kv(kv_layout(self, layer), kv_cache, Hkv, D)  # [nb, bs, Hkv, D] views
+        res = ops.region_attention(query.view(-1, H, D), key.view(-1, Hkv, D), value.view(-1, Hkv, D),
+                                   lay.region_index, lay.kind, lay.step, lay.block_idx, k_cache, v_cache,
+                                   lay.block_table, lay.prefix_len, self.scale)  # [R, Q, H, D]
+        output.view(-1, H, D)[lay.region_index.reshape(-1)] = res.view(R * Q, H, D).to(output.dtype)
         return out
 
 

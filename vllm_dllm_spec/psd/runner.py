@@ -154,11 +154,8 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         positions = block_starts[:, None] + torch.arange(B).repeat(D)  # [R, Q]: every copy at the block
         dev = self.positions.device
         self.positions[region_index.flatten().to(dev)] = positions.flatten().to(dev, self.positions.dtype)
-        copy_of = torch.arange(Q) // B
-        region_mask = (copy_of[:, None] == copy_of[None, :]).expand(len(infos), Q, Q)  # [R, Q, Q]
-        slots, valid = region_attention.prefix_layout(tables[torch.tensor([s.row for s in infos])], block_starts,
-                                                      self.cache_config.block_size)
-        region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, region_mask).to(dev)
+        region_attention.CURRENT = region_attention.block_copies_layout(
+            region_index, tables[torch.tensor([s.row for s in infos])], block_starts, D, B).to(dev)
         return out
 
     # -- acceptance and the next chain -------------------------------------------------------

@@ -197,16 +197,13 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
             kinds.append(torch.tensor([ops.KIND_DATA] * B + [ops.KIND_MASK] * B).repeat(K))
             steps.append(info.job.labels.view(K, B).repeat(1, 2).flatten())
             blocks.append(torch.arange(K).repeat_interleave(2 * B))
-        R = len(idx)
         region_index = torch.stack(idx)  # [R, Q]
         dev = self.positions.device
         self.positions[region_index.flatten().to(dev)] = torch.cat(pos).to(dev, self.positions.dtype)
-        mask = ops.ref_token_mask(torch.arange(R + 1) * Q, torch.cat(kinds), torch.cat(steps),
-                                  torch.cat(blocks), Q).view(R, Q, Q)
-        slots, valid = region_attention.prefix_layout(
+        region_attention.CURRENT = region_attention.simsd_layout(
+            region_index, torch.stack(kinds), torch.stack(steps), torch.stack(blocks),
             torch.stack([info.job.block_table for info in self._rounds.values()]),
-            torch.tensor([info.block_start for info in self._rounds.values()]), self.draft.cbs)
-        region_attention.CURRENT = region_attention.VerifyLayout(region_index, slots, valid, mask).to(dev)
+            torch.tensor([info.block_start for info in self._rounds.values()])).to(dev)
         return out
 
     # -- 4. verification ---------------------------------------------------------------------
