@@ -8,8 +8,8 @@ ref_time / op_time (> 1: the compiled op is faster). On a GPU the absolute times
     .venv/bin/python benchmarks/kernels.py --preset smoke  # a few seconds
     .venv/bin/python benchmarks/kernels.py --device cuda
 
-Prints one summary line (ratios at batch 64) and writes JSON (default
-benchmarks/results/kernels.json).
+Prints one summary line (ratios at batch 64; region_attention at each of its batches, 1/8/32/256
+in the full preset) and writes JSON (default benchmarks/results/kernels.json).
 """
 from __future__ import annotations
 
@@ -29,9 +29,16 @@ from vllm_dllm_spec import ops
 
 MASK_ID = 151669
 PRESETS = {
-    "smoke": dict(batches=[1, 64], blocks=[4], vocab=512, min_time=0.005, repeats=3),
-    "full": dict(batches=[1, 8, 64, 256], blocks=[4, 8, 16], vocab=8192, min_time=0.05, repeats=5),
+    "smoke": dict(batches=[1, 64], blocks=[4], vocab=512, min_time=0.005, repeats=3,
+                  region_batches=[1, 8], region_blocks=[4]),
+    "full": dict(batches=[1, 8, 64, 256], blocks=[4, 8, 16], vocab=8192, min_time=0.05, repeats=5,
+                 region_batches=[1, 8, 32, 256], region_blocks=[4, 8]),
 }
+# region_attention at a 1.7B-class serving size (Qwen3-1.7B / SDAR-1.7B heads), bf16 like the
+# bundled models; the prefix is a prompt plus some generated blocks
+REGION = dict(num_heads=16, num_kv_heads=8, head_dim=128, prefix=(64, 192), cache_block_size=16,
+              num_draft_blocks=2, dtype=torch.bfloat16)
+FLOAT_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def _sync(device: torch.device) -> None:
@@ -107,7 +114,37 @@ def hier_inputs(batch: int, block: int, g: torch.Generator, device):
     return tuple(t.to(device) for t in (base, nodes, parent, nn, verify)) + (MASK_ID,)
 
 
+def region_inputs(batch: int, block: int, g: torch.Generator, device):
+    """A SimSD verify step: per request 2 draft blocks of data tokens + mask copies (Q = 4 * block
+    region rows) among the step's other tokens, a paged CPU-layout ('vec') cache, shuffled block
+    tables, ragged prefixes."""
+    from vllm_dllm_spec.region import paged_kv
+
+    H, Hkv, D, cbs, K = (REGION[k] for k in ("num_heads", "num_kv_heads", "head_dim", "cache_block_size",
+                                              "num_draft_blocks"))
+    labels = torch.randint(0, block + 2, (batch, K, 1, block), generator=g).expand(-1, -1, 2, -1)
+    kind = torch.tensor([ops.KIND_DATA, ops.KIND_MASK])[None, None, :, None].expand_as(labels)
+    blk = torch.arange(K)[None, :, None, None].expand_as(labels)
+    kind, step, blk = (t.reshape(batch, -1).contiguous() for t in (kind, labels, blk))
+    Q = kind.shape[1]
+    prefix = torch.randint(*REGION["prefix"], (batch,), generator=g)
+    max_blocks = -(-int(prefix.max()) // cbs) + 1
+    nb = batch * max_blocks
+    table = torch.randperm(nb, generator=g).view(batch, max_blocks)
+    T = batch * Q
+    region_index = torch.arange(T).view(batch, Q)
+    qkv = torch.randn((T, (H + 2 * Hkv) * D), generator=g).to(REGION["dtype"])
+    q, k, v = (t.reshape(T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=1))
+    kv_cache = torch.randn((nb, 2 * Hkv, cbs, D), generator=g).to(REGION["dtype"])
+    k_cache, v_cache = paged_kv("vec", kv_cache, Hkv, D)
+    args = (q, k, v, region_index, kind, step, blk, k_cache, v_cache, table, prefix)
+    return tuple(a.to(device) for a in args) + (D ** -0.5,)
+
+
 def cases(preset: dict, device, g: torch.Generator):
+    for batch in preset["region_batches"]:
+        for block in preset["region_blocks"]:
+            yield "region_attention", batch, block, region_inputs(batch, block, g, device)
     for batch in preset["batches"]:
         for block in preset["blocks"]:
             yield "ref_token_mask", batch, block, mask_inputs(batch, block, g, device)
@@ -119,6 +156,8 @@ def cases(preset: dict, device, g: torch.Generator):
 
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
+        if a.is_floating_point():  # region_attention: fp32 accumulation in another order
+            return a.dtype == b.dtype and torch.allclose(a.float(), b.float(), **FLOAT_TOL[b.dtype])
         return torch.equal(a, b)
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -165,19 +204,28 @@ def main(argv=None) -> int:
         sp = [r["speedup"] for r in rows if r["op"] == name and r["batch"] == 64]
         if sp:
             at64[name] = math.exp(statistics.fmean(math.log(s) for s in sp))  # geomean over blocks
+    region = {}
+    for batch in preset["region_batches"]:
+        sp = [r["speedup"] for r in rows if r["op"] == "region_attention" and r["batch"] == batch]
+        region[batch] = math.exp(statistics.fmean(math.log(s) for s in sp))  # geomean over blocks
     all_equal = all(r["equal"] for r in rows)
     result = dict(
         benchmark="kernels", preset=args.preset, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         torch=torch.__version__, threads=torch.get_num_threads(), vocab=preset["vocab"],
-        all_equal=all_equal, speedup_at_batch64=at64, rows=rows,
+        all_equal=all_equal, speedup_at_batch64=at64,
+        region_attention=dict(REGION, dtype=str(REGION["dtype"]), blocks=preset["region_blocks"],
+                              speedup_by_batch=region),
+        rows=rows,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     summary = " ".join(f"{k}={v:.1f}x" for k, v in at64.items())
+    region_summary = " ".join(f"b{b}={v:.1f}x" for b, v in region.items())
     print(f"SUMMARY kernels[{args.preset}, {device}]: ref/op speedup at batch 64 (geomean over blocks "
-          f"{preset['blocks']}): {summary}; all outputs equal={all_equal}; json={out}")
+          f"{preset['blocks']}): {summary}; region_attention by batch (blocks {preset['region_blocks']}): "
+          f"{region_summary}; all outputs equal={all_equal}; json={out}")
     return 0 if all_equal else 2
 
 

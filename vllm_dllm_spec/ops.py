@@ -3,7 +3,7 @@ beside each one.
 
 Contracts (shapes, dtypes, exact semantics): docs/CONTRACTS.md, section "csrc operators".
 The `*_ref` functions are the executable specification: every compiled op must equal its twin
-exactly (all outputs are integer or bool).
+exactly (integer or bool outputs), `region_attention` within tests/tolerances.py (float output).
 
 Which implementation runs: `BACKEND` is "csrc" when `vllm_dllm_spec._C` loaded (CPU kernels
 always; CUDA kernels when the extension was built with nvcc against a CUDA torch), else "ref"
