@@ -69,6 +69,14 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
                                                     num_logprobs=requested(sp, self.vocab_size))
         return st
 
+    def _draft_chain(self, st: SpiffyState, logits: torch.Tensor) -> None:
+        """The next step's copies: S, then the graph's open states instantiated from S's stale
+        logits [B, V] (complete drafts need no copy: the walk reaches them for free)."""
+        mask_id = self.mask_token_id
+        drafts = instantiate(st.block, logits.cpu(), self.graph, mask_id=mask_id, budget=self.depth,
+                             remasking_strategy=st.params.remasking_strategy)  # [N, B]
+        st.chain = [st.block, *drafts[(drafts == mask_id).any(-1)]]
+
     # -- the walk ----------------------------------------------------------------------------
     def _walk(self, infos, states, copies, spec_logits, index):
         """Follows every request's accepted path. states [R, C, B] (copy 0 = S), copies [R]
@@ -169,10 +177,7 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
             st.block = final[r]
             k = int(known[r])
             if bool((st.block == mask_id).any()):
-                stale = spec_logits[index[r, int(walk_copy[r, path_len[r]])].to(spec_logits.device)]  # [B, V]
-                drafts = instantiate(st.block, stale.cpu(), self.graph, mask_id=mask_id, budget=C,
-                                     remasking_strategy=st.params.remasking_strategy)  # [N, B]
-                st.chain = [st.block, *drafts[(drafts == mask_id).any(-1)]]
+                self._draft_chain(st, spec_logits[index[r, int(walk_copy[r, path_len[r]])].to(spec_logits.device)])
                 self._next_drafts[info.row] = [mask_id] * self._region_length(info.num_tokens)
                 continue
             out[info.row, : B - k] = st.block[k:]
