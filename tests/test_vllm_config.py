@@ -86,8 +86,9 @@ def llm(tiny_ckpt):
         ({"confidence_threshold": 2}, r"confidence_threshold must be a number in \[0, 1\]"),
         ({"denoising_steps": 9}, r"denoising_steps must be an integer in \[1, block_length=4\]"),
         ({"block_length": 8}, "block_length must be the model's trained block size 4"),
-        ({"method": "spiffy"}, "method must be one of"),
+        ({"method": "medusa"}, "method must be one of"),
         ({"method": "simsd"}, "method is chosen per engine"),
+        ({"method": "spiffy"}, "method is chosen per engine"),
     ],
 )
 def test_bad_request_knobs_are_refused_and_engine_keeps_serving(llm, extra, message):
