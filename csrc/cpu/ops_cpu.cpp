@@ -279,71 +279,119 @@ std::tuple<at::Tensor, at::Tensor> graph_accept_cpu(const at::Tensor& node_state
 
 // ---------------------------------------------------------------------------------------------
 // region_attention: per (request, kv head), the prefix keys/values (read through the block
-// table) and the region's own are gathered once into fp32 scratch; every query row of the H / Hkv
-// heads sharing that kv head then attends over them with the reference-token mask evaluated per
-// (query, key) by ref_visible. No [Q, Q] or [Q, L + Q] mask exists anywhere.
+// table) and the region's own are gathered once into fp32 scratch (keys transposed, [D, n_pad]);
+// every query row of the H / Hkv heads sharing that kv head then attends over them with the
+// reference-token mask evaluated per (query, key) by ref_visible. No [Q, Q] or [Q, L + Q] mask
+// exists anywhere.
 // ---------------------------------------------------------------------------------------------
-// 16 independent accumulators: GCC vectorizes the fixed-length inner loop (one zmm FMA per
-// iteration in the x86-64-v4 clone) without reassociation flags.
-inline float dot_f32(const float* __restrict__ a, const float* __restrict__ b, int64_t D) {
-  float acc[16] = {0.f};
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    for (int u = 0; u < 16; ++u) acc[u] += a[d + u] * b[d + u];
-  }
-  float s = 0.f;
-  for (; d < D; ++d) s += a[d] * b[d];
-  for (int u = 0; u < 16; ++u) s += acc[u];
-  return s;
+constexpr int64_t kKeyTile = 16;  // keys per score vector (one zmm)
+constexpr int64_t kRowTile = 4;   // query rows sharing each key load
+typedef float v16f __attribute__((vector_size(64)));  // GCC/Clang vector extension: zmm in the v4 clone
+
+inline v16f load16(const float* p) {
+  v16f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
 }
 
-// Rows (g, i) of G heads x Q region queries, qs [G, Q, D], over keys K, V [L + Q, D] (the first L
-// are the prefix, always visible; key L + j is region token j, visible iff ref_visible). p [L + Q]
-// is scratch; out [G, Q, D]. Softmax in fp32: max, exp, sum, then the weighted sum of V.
-DLLM_SPEC_CLONES void attend_rows_f32(const float* __restrict__ qs, int64_t G, int64_t Q, int64_t D,
-                                      const float* __restrict__ K, const float* __restrict__ V,
-                                      int64_t L, const int64_t* kd, const int64_t* st,
-                                      const int64_t* bk, float scale, float* __restrict__ p,
-                                      float* __restrict__ out) {
-  const int64_t n = L + Q;
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t i = 0; i < Q; ++i) {
-      const float* q = qs + (g * Q + i) * D;
-      float m = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) {
-        p[j] = dot_f32(q, K + j * D, D) * scale;
-        m = std::max(m, p[j]);
-      }
-      for (int64_t j = 0; j < Q; ++j) {
-        float s = -INFINITY;
-        if (ref_visible(kd[i], st[i], bk[i], kd[j], st[j], bk[j])) {
-          s = dot_f32(q, K + (L + j) * D, D) * scale;
-          m = std::max(m, s);
-        }
-        p[L + j] = s;
-      }
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        p[j] = std::exp(p[j] - m);  // exp(-inf) = 0: masked keys drop out
-        sum += p[j];
-      }
-      float* o = out + (g * Q + i) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        const float w = p[j];
-        if (w == 0.f) continue;
-        const float* v = V + j * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
-      }
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+// Scores of kRowTile query rows q [kRowTile, D] against the transposed keys kt [D, n_pad]
+// (n_pad a multiple of kKeyTile): s [kRowTile, n_pad] = q . k, vectorised over 16 keys at a time
+// with no horizontal reduction, each key vector loaded once for the kRowTile rows.
+DLLM_SPEC_CLONES void score_rows_f32(const float* __restrict__ q, int64_t D, const float* __restrict__ kt,
+                                     int64_t n_pad, float* __restrict__ s) {
+  const float *q0 = q, *q1 = q + D, *q2 = q + 2 * D, *q3 = q + 3 * D;
+  for (int64_t j0 = 0; j0 < n_pad; j0 += kKeyTile) {
+    v16f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const v16f k = load16(kt + d * n_pad + j0);
+      a0 += q0[d] * k;
+      a1 += q1[d] * k;
+      a2 += q2[d] * k;
+      a3 += q3[d] * k;
     }
+    __builtin_memcpy(s + j0, &a0, sizeof a0);
+    __builtin_memcpy(s + n_pad + j0, &a1, sizeof a1);
+    __builtin_memcpy(s + 2 * n_pad + j0, &a2, sizeof a2);
+    __builtin_memcpy(s + 3 * n_pad + j0, &a3, sizeof a3);
   }
 }
 
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// exp of 16 floats <= 88 (Cephes' expf: range reduction by ln 2 in two parts, degree-6
+// polynomial, 2^n through the exponent bits; ~1 ulp); x < -87 (masked keys: -inf) gives 0.
+// libm's scalar expf does not vectorize without -ffast-math and dominated the kernel's time.
+inline v16f exp16(v16f x) {
+  const v16i tiny = x < -87.f;
+  x = x < -87.f ? v16f{} - 87.f : x;
+  x = x > 88.f ? v16f{} + 88.f : x;
+  v16f fx = x * 1.44269504088896341f + 0.5f;
+  v16i n = __builtin_convertvector(fx, v16i);  // truncation, then floor
+  n = __builtin_convertvector(n, v16f) > fx ? n - 1 : n;
+  fx = __builtin_convertvector(n, v16f);
+  x = x - fx * 0.693359375f - fx * -2.12194440e-4f;
+  v16f y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.f;
+  const v16i bits = (n + 127) << 23;
+  v16f pow2n;
+  __builtin_memcpy(&pow2n, &bits, sizeof pow2n);
+  y = y * pow2n;
+  return tiny ? v16f{} : y;
+}
+
+// One row: raw scores p [n_pad] (keys j < L: the prefix, always visible; key L + j: region token
+// j, visible iff ref_visible(row i, j); j >= L + Q: padding) -> out [D] = softmax(scale * p) @ V,
+// V [L + Q, D]. Softmax in fp32: max, exp, sum, then the weighted sum of V (masked keys skipped).
+DLLM_SPEC_CLONES void softmax_pv_f32(float* __restrict__ p, int64_t L, int64_t Q, int64_t n_pad, int64_t i,
+                                     int64_t D, const float* __restrict__ V, const int64_t* kd,
+                                     const int64_t* st, const int64_t* bk, float scale,
+                                     float* __restrict__ o) {
+  const int64_t n = L + Q;
+  float m = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    p[j] *= scale;
+    m = std::max(m, p[j]);
+  }
+  for (int64_t j = 0; j < Q; ++j) {
+    float x = -INFINITY;
+    if (ref_visible(kd[i], st[i], bk[i], kd[j], st[j], bk[j])) {
+      x = p[L + j] * scale;
+      m = std::max(m, x);
+    }
+    p[L + j] = x;
+  }
+  for (int64_t j = n; j < n_pad; ++j) p[j] = -INFINITY;
+  v16f acc = {};
+  for (int64_t j0 = 0; j0 < n_pad; j0 += kKeyTile) {
+    const v16f e = exp16(load16(p + j0) - m);
+    __builtin_memcpy(p + j0, &e, sizeof e);
+    acc += e;
+  }
+  float sum = 0.f;
+  for (int u = 0; u < kKeyTile; ++u) sum += acc[u];
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float w = p[j];
+    if (w == 0.f) continue;
+    const float* v = V + j * D;
+    for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+}
+
+// dst[0, n) = src[0, n * stride) as fp32; the contiguous case is a separate loop so it vectorizes.
 template <typename scalar_t>
-inline void load_f32(const scalar_t* src, int64_t stride, int64_t D, float* dst) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d * stride]);
+inline void load_f32(const scalar_t* __restrict__ src, int64_t stride, int64_t n, float* __restrict__ dst) {
+  if (stride == 1) {
+    for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
+  } else {
+    for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x * stride]);
+  }
 }
 
 template <typename scalar_t>
@@ -354,6 +402,7 @@ void region_attention_kernel(const RegionDims& dm, const at::Tensor& query, cons
                              float scale, at::Tensor& out) {
   const int64_t R = dm.R, Q = dm.Q, H = dm.H, Hkv = dm.Hkv, D = dm.D, G = H / Hkv;
   const int64_t bs = dm.block_size, MB = dm.max_blocks;
+  const int64_t rows = G * Q, rows_pad = (rows + kRowTile - 1) / kRowTile * kRowTile;
   const scalar_t *qp = query.data_ptr<scalar_t>(), *kp = key.data_ptr<scalar_t>(),
                  *vp = value.data_ptr<scalar_t>();
   const scalar_t *kc = k_cache.data_ptr<scalar_t>(), *vc = v_cache.data_ptr<scalar_t>();
@@ -361,34 +410,39 @@ void region_attention_kernel(const RegionDims& dm, const at::Tensor& query, cons
   const auto kcs = k_cache.strides(), vcs = v_cache.strides();
   scalar_t* op = out.data_ptr<scalar_t>();  // [R, Q, H, D] contiguous
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kbuf, vbuf, qbuf(G * Q * D), obuf(G * Q * D), pbuf;
+    // kt [D, n_pad] keys transposed, vbuf [n, D], qbuf [rows_pad, D] (padding rows stay 0),
+    // sbuf [kRowTile, n_pad] scores, obuf [D] one output row
+    std::vector<float> kt, vbuf, qbuf(rows_pad * D, 0.f), sbuf, obuf(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / Hkv, hk = task % Hkv, L = plen[r], n = L + Q;
-      kbuf.resize(n * D);
+      const int64_t n_pad = (n + kKeyTile - 1) / kKeyTile * kKeyTile;
+      kt.resize(D * n_pad);  // padding columns give scores the softmax overwrites with -inf
       vbuf.resize(n * D);
-      pbuf.resize(n);
-      for (int64_t pos = 0; pos < L; ++pos) {  // prefix: paged cache through the block table
-        const int64_t blk = bt[r * MB + pos / bs], off = pos % bs;
-        load_f32(kc + blk * kcs[0] + off * kcs[1] + hk * kcs[2], kcs[3], D, &kbuf[pos * D]);
-        load_f32(vc + blk * vcs[0] + off * vcs[1] + hk * vcs[2], vcs[3], D, &vbuf[pos * D]);
+      sbuf.resize(kRowTile * n_pad);
+      for (int64_t p0 = 0; p0 < L; p0 += bs) {  // prefix: one cache block (of the table) at a time
+        const int64_t blk = bt[r * MB + p0 / bs], cnt = std::min(bs, L - p0);
+        const scalar_t* kb = kc + blk * kcs[0] + hk * kcs[2];
+        for (int64_t d = 0; d < D; ++d) load_f32(kb + d * kcs[3], kcs[1], cnt, &kt[d * n_pad + p0]);
+        const scalar_t* vb = vc + blk * vcs[0] + hk * vcs[2];
+        for (int64_t off = 0; off < cnt; ++off) load_f32(vb + off * vcs[1], vcs[3], D, &vbuf[(p0 + off) * D]);
       }
       const int64_t* rr = ri + r * Q;
       for (int64_t j = 0; j < Q; ++j) {  // the region's own keys and values
-        load_f32(kp + rr[j] * ks[0] + hk * ks[1], ks[2], D, &kbuf[(L + j) * D]);
+        const scalar_t* k = kp + rr[j] * ks[0] + hk * ks[1];
+        for (int64_t d = 0; d < D; ++d) kt[d * n_pad + L + j] = static_cast<float>(k[d * ks[2]]);
         load_f32(vp + rr[j] * vs[0] + hk * vs[1], vs[2], D, &vbuf[(L + j) * D]);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        for (int64_t i = 0; i < Q; ++i) {
-          load_f32(qp + rr[i] * qs[0] + (hk * G + g) * qs[1], qs[2], D, &qbuf[(g * Q + i) * D]);
-        }
+      for (int64_t row = 0; row < rows; ++row) {  // row = g * Q + i: head hk * G + g, region row i
+        load_f32(qp + rr[row % Q] * qs[0] + (hk * G + row / Q) * qs[1], qs[2], D, &qbuf[row * D]);
       }
-      attend_rows_f32(qbuf.data(), G, Q, D, kbuf.data(), vbuf.data(), L, kd + r * Q, st + r * Q,
-                      bk + r * Q, scale, pbuf.data(), obuf.data());
-      for (int64_t g = 0; g < G; ++g) {
-        for (int64_t i = 0; i < Q; ++i) {
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+        score_rows_f32(&qbuf[r0 * D], D, kt.data(), n_pad, sbuf.data());
+        for (int64_t row = r0; row < std::min(r0 + kRowTile, rows); ++row) {
+          const int64_t g = row / Q, i = row % Q;
+          softmax_pv_f32(&sbuf[(row - r0) * n_pad], L, Q, n_pad, i, D, vbuf.data(), kd + r * Q,
+                         st + r * Q, bk + r * Q, scale, obuf.data());
           scalar_t* o = op + ((r * Q + i) * H + hk * G + g) * D;
-          const float* src = &obuf[(g * Q + i) * D];
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(src[d]);
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(obuf[d]);
         }
       }
     }
