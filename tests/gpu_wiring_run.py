@@ -6,7 +6,7 @@ FLASH_ATTN (kernel stand-in) classes run on the CPU, then measures and writes JS
   through the FA stand-in vs the dense block-causal reference; the stand-in vs the interpreted
   kernel, causal and non-causal;
 - "backend": the wrapped backend's real builder + impl (KV written by the impl) vs the reference;
-- "engines": the whole plugin engine (block diffusion B=4 and B=8, SimSD, PSD; prefix caching on,
+- "engines": the whole plugin engine (block diffusion B=4 and B=8, SimSD, PSD, Spiffy; prefix caching on,
   the batch run twice) vs each method's oracle: tokens, forwards, step_map / round records;
 - "control" (flash): the same engine over the unwrapped (causal) backend, which must differ.
 """
@@ -220,6 +220,7 @@ def oracle(method, path, prompt, config, max_tokens, options):
     from vllm_dllm_spec.reference import generate
     from vllm_dllm_spec.reference.psd import psd_generate
     from vllm_dllm_spec.reference.simsd import simsd_generate
+    from vllm_dllm_spec.reference.spiffy import spiffy_generate
 
     model = reference_model(path)
     if method == "block_diffusion":
@@ -227,6 +228,10 @@ def oracle(method, path, prompt, config, max_tokens, options):
         return r.tokens, r.num_forwards, r.step_map
     if method == "psd":
         r = psd_generate(model, prompt, gen_length=max_tokens, draft_depth=options["draft_depth"], **config)
+        return r.tokens, r.num_forwards, r.step_map
+    if method == "spiffy":
+        r = spiffy_generate(model, prompt, gen_length=max_tokens, graph=options["draft_graph"],
+                            graph_budget=options["graph_budget"], **config)
         return r.tokens, r.num_forwards, r.step_map
     names = {"remasking_strategy": "draft_remasking_strategy", "denoising_steps": "draft_denoising_steps"}
     r = simsd_generate(model, None, prompt, gen_length=max_tokens, num_draft_blocks=options["num_draft_blocks"],
@@ -255,6 +260,7 @@ def check_engine(name, path, options, backend):
 
 
 def main():
+    from vllm_dllm_spec.reference.spiffy import DraftGraph
     from vllm_dllm_spec.testing import make_random_sdar_checkpoint
 
     t0 = time.time()
@@ -269,6 +275,9 @@ def main():
     check_engine("block_diffusion_b8", b8, {"method": "block_diffusion"}, wrapped)
     check_engine("simsd", b4, {"method": "simsd", "num_draft_blocks": 2}, wrapped)
     check_engine("psd", b4, {"method": "psd", "draft_depth": 2}, wrapped)
+    graph = os.path.join(tmp, "graph_b4.json")  # branching over positions and tokens, one multi-parent state
+    DraftGraph((((1, 1),), ((2, 1),), ((1, 2),), ((1, 1), (2, 1))), 4, {"kind": "gpu wiring"}).to_json(graph)
+    check_engine("spiffy", b4, {"method": "spiffy", "draft_graph": graph, "graph_budget": 4}, wrapped)
     if BACKEND == "flash":  # negative control: the causal backend as vLLM ships it
         check_engine("control_unsplit", b4, {"method": "block_diffusion"}, BASE)
     RESULTS["seconds"] = round(time.time() - t0, 1)

@@ -113,7 +113,7 @@ def test_real_builder_and_impl(wiring, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "flash"])
-@pytest.mark.parametrize("case", ["block_diffusion_b4", "block_diffusion_b8", "simsd", "psd"])
+@pytest.mark.parametrize("case", ["block_diffusion_b4", "block_diffusion_b8", "simsd", "psd", "spiffy"])
 def test_engine_equals_oracle(wiring, backend, case):
     r = wiring[backend]["engines"][case]
     assert r["requests"] == 8  # 4 prompts, twice
@@ -170,9 +170,12 @@ def on_cuda(cfg, monkeypatch, *, cudagraph_mode=None, eager=False, block_size=No
     ("block_diffusion", "vllm_dllm_spec.worker.DLLMGPUWorker"),
     ("simsd", "vllm_dllm_spec.simsd.runner.SimSDGPUWorker"),
     ("psd", "vllm_dllm_spec.psd.runner.PSDGPUWorker"),
+    ("spiffy", "vllm_dllm_spec.spiffy.runner.SpiffyGPUWorker"),
 ])
-def test_cuda_worker_and_graph_mode(tiny_ckpt, monkeypatch, method, worker):
+def test_cuda_worker_and_graph_mode(tiny_ckpt, monkeypatch, tmp_path, method, worker):
     from vllm.config import CUDAGraphMode
+
+    from vllm_dllm_spec.reference.spiffy import DraftGraph
 
     import importlib
 
@@ -180,7 +183,11 @@ def test_cuda_worker_and_graph_mode(tiny_ckpt, monkeypatch, method, worker):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
-    cfg = on_cuda(cpu_config(tiny_ckpt, {"method": method}), monkeypatch)
+    options = {"method": method}
+    if method == "spiffy":  # the random checkpoint ships no default graph
+        options["draft_graph"] = str(tmp_path / "graph.json")
+        DraftGraph((((1, 1),),), 4, {}).to_json(options["draft_graph"])
+    cfg = on_cuda(cpu_config(tiny_ckpt, options), monkeypatch)
     assert cfg.parallel_config.worker_cls == worker
     module, name = worker.rsplit(".", 1)
     worker_cls = getattr(importlib.import_module(module), name)  # the GPU worker and its V1 GPU runner
@@ -189,7 +196,7 @@ def test_cuda_worker_and_graph_mode(tiny_ckpt, monkeypatch, method, worker):
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
     assert cfg.attention_config.use_non_causal
     assert cfg.cache_config.block_size is None  # B = 4 divides 16: the platform's choice stands
-    eager = on_cuda(cpu_config(tiny_ckpt, {"method": method}), monkeypatch, eager=True)
+    eager = on_cuda(cpu_config(tiny_ckpt, options), monkeypatch, eager=True)
     assert eager.compilation_config.cudagraph_mode is None  # vLLM turns it to NONE under eager
     piecewise = on_cuda(cpu_config(tiny_ckpt), monkeypatch, cudagraph_mode=CUDAGraphMode.NONE)
     assert piecewise.compilation_config.cudagraph_mode == CUDAGraphMode.NONE  # the user's choice
