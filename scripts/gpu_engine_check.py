@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -33,6 +34,7 @@ def main() -> int:
     from vllm_dllm_spec.reference import SDARModel, generate
     from vllm_dllm_spec.reference.psd import psd_generate
     from vllm_dllm_spec.reference.simsd import simsd_generate
+    from vllm_dllm_spec.reference.spiffy import DraftGraph, spiffy_generate
     from vllm_dllm_spec.testing import make_random_sdar_checkpoint, shutdown_llm
 
     path = make_random_sdar_checkpoint(tempfile.mkdtemp(prefix="gpu_check_"), seed=0)
@@ -43,13 +45,17 @@ def main() -> int:
                {"remasking_strategy": "low_confidence_dynamic", "confidence_threshold": 0.3},
                {"remasking_strategy": "entropy_bounded", "eb_threshold": 2.0}]
     max_tokens = 12
+    graph = str(Path(path) / "graph_b4.json")
+    DraftGraph((((1, 1),), ((2, 1),), ((1, 1), (2, 1))), 4, {"kind": "gpu check"}).to_json(graph)
     oracles = {
         "block_diffusion": lambda p, c: generate(ref, p, gen_length=max_tokens, fuse_commit=True, **c).tokens,
         "psd": lambda p, c: psd_generate(ref, p, gen_length=max_tokens, draft_depth=2, **c).tokens,
         "simsd": lambda p, c: simsd_generate(ref, None, p, gen_length=max_tokens, num_draft_blocks=2, **{
             {"remasking_strategy": "draft_remasking_strategy"}.get(k, k): v for k, v in c.items()}).tokens,
+        "spiffy": lambda p, c: spiffy_generate(ref, p, gen_length=max_tokens, graph=graph, graph_budget=4, **c).tokens,
     }
-    options = {"block_diffusion": {}, "psd": {"draft_depth": 2}, "simsd": {"num_draft_blocks": 2}}
+    options = {"block_diffusion": {}, "psd": {"draft_depth": 2}, "simsd": {"num_draft_blocks": 2},
+               "spiffy": {"draft_graph": graph, "graph_budget": 4}}
     failed = False
     for method, oracle in oracles.items():
         llm = LLM(model=path, dtype="bfloat16", max_model_len=256, max_num_seqs=4, seed=0,
