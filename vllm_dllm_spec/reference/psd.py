@@ -83,6 +83,32 @@ def accepted_depth(params, step, chain, verified, mask_id) -> int:
     return accepted
 
 
+def state_evaluator(model: SDARModel, cache: KVCache, out: "PSDOutput", B: int):
+    """forward(tokens [n], num_store) -> the logits [B, V] of the block state ending `tokens`
+    (uncommitted tokens + one state, at the cache's next positions); counts `out.num_state_evals`.
+    Shared by the PSD and Spiffy oracles: one block copy evaluated = one call."""
+
+    def block_forward(tokens: torch.Tensor, num_store: int) -> torch.Tensor:
+        start = len(cache)
+        positions = torch.arange(start, start + tokens.numel())
+        mask = block_causal_mask(start, tokens.numel(), B)
+        with torch.no_grad():
+            logits = model(tokens[None], positions[None], mask[None], cache, num_store)
+        out.num_state_evals += 1
+        return logits[0, -B:]
+
+    return block_forward
+
+
+def split_prompt(prompt: torch.Tensor, B: int, mask_id: int):
+    """(uncommitted whole blocks of the prompt, the first block state [B] (the prompt's leftover
+    then masks), index of its first generated position)."""
+    num_prefill = prompt.numel() // B * B
+    leftover = prompt[num_prefill:]
+    block = torch.cat([leftover, torch.full((B - leftover.numel(),), mask_id)])  # [B]
+    return prompt[:num_prefill], block, leftover.numel()
+
+
 def psd_generate(
     model: SDARModel,
     prompt_ids: list[int] | torch.Tensor,
@@ -111,21 +137,8 @@ def psd_generate(
     cache = KVCache(cfg.num_hidden_layers)
     out = PSDOutput(tokens=[], step_map=[], num_forwards=0, num_state_evals=0)
 
-    def block_forward(tokens: torch.Tensor, num_store: int) -> torch.Tensor:
-        """tokens [n] (uncommitted + one block state) -> logits of the block [B, V]."""
-        start = len(cache)
-        positions = torch.arange(start, start + tokens.numel())
-        mask = block_causal_mask(start, tokens.numel(), B)
-        with torch.no_grad():
-            logits = model(tokens[None], positions[None], mask[None], cache, num_store)
-        out.num_state_evals += 1
-        return logits[0, -B:]
-
-    num_prefill = prompt.numel() // B * B
-    uncommitted = prompt[:num_prefill]
-    leftover = prompt[num_prefill:]
-    block = torch.cat([leftover, torch.full((B - leftover.numel(),), mask_id)])  # [B]
-    first_generated = leftover.numel()
+    block_forward = state_evaluator(model, cache, out, B)
+    uncommitted, block, first_generated = split_prompt(prompt, B, mask_id)
     logprobs: list[torch.Tensor] = []  # [n_i, V] per block
     while True:
         # the block's first forward: the previous block's (or the prompt's) commit fused in

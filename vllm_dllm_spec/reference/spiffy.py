@@ -39,7 +39,6 @@ import torch
 from vllm_dllm_spec.config import REMASKING_STRATEGIES, SamplingKnobs
 from vllm_dllm_spec.reference.generate import (
     _validate,
-    block_causal_mask,
     block_params,
     exclude_mask_token,
     is_finished,
@@ -48,7 +47,7 @@ from vllm_dllm_spec.reference.generate import (
     select_to_unmask,
 )
 from vllm_dllm_spec.reference.model import KVCache, SDARModel
-from vllm_dllm_spec.reference.psd import PSDOutput
+from vllm_dllm_spec.reference.psd import PSDOutput, split_prompt, state_evaluator
 
 Formula = tuple[tuple[int, int], ...]
 
@@ -305,21 +304,8 @@ def spiffy_generate(
     cache = KVCache(cfg.num_hidden_layers)
     out = PSDOutput(tokens=[], step_map=[], num_forwards=0, num_state_evals=0)
 
-    def block_forward(tokens: torch.Tensor, num_store: int) -> torch.Tensor:
-        """tokens [n] (uncommitted + one block state) -> logits of the block [B, V]."""
-        start = len(cache)
-        positions = torch.arange(start, start + tokens.numel())
-        mask = block_causal_mask(start, tokens.numel(), B)
-        with torch.no_grad():
-            logits = model(tokens[None], positions[None], mask[None], cache, num_store)
-        out.num_state_evals += 1
-        return logits[0, -B:]
-
-    num_prefill = prompt.numel() // B * B
-    uncommitted = prompt[:num_prefill]
-    leftover = prompt[num_prefill:]
-    block = torch.cat([leftover, torch.full((B - leftover.numel(),), mask_id)])  # [B]
-    first_generated = leftover.numel()
+    block_forward = state_evaluator(model, cache, out, B)
+    uncommitted, block, first_generated = split_prompt(prompt, B, mask_id)
     logprobs: list[torch.Tensor] = []  # [n_i, V] per block
     while True:
         unmasked_at = torch.full((B,), -1)
