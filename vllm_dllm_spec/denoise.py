@@ -40,6 +40,13 @@ REQUEST_KNOBS = ("method", "block_length", "denoising_steps", "remasking_strateg
                  "confidence_threshold", "eb_threshold")
 
 
+def sampling_knobs(sampling_params) -> SamplingKnobs:
+    """A request's sampling knobs (temperature <= 1e-5: greedy; top_k <= 0: off)."""
+    temperature = float(sampling_params.temperature)
+    return SamplingKnobs(temperature=temperature if temperature > 1e-5 else 0.0,
+                         top_k=max(int(sampling_params.top_k), 0), top_p=float(sampling_params.top_p))
+
+
 def resolve_request_params(
     engine_options: Mapping[str, Any], extra_args: Mapping[str, Any] | None, model_block_size: int
 ) -> DenoiseParams:
@@ -168,14 +175,8 @@ class BlockDiffusionProposer:
             except ValueError as err:  # the front-end validates; never take the engine down
                 logger.warning("request %s: %s; using the engine's dllm_spec knobs", req_id, err)
                 params = resolve_request_params(self.engine_options, None, self.block_length)
-            temperature = float(sampling_params.temperature)
-            knobs = SamplingKnobs(
-                temperature=temperature if temperature > 1e-5 else 0.0,
-                top_k=max(int(sampling_params.top_k), 0),
-                top_p=float(sampling_params.top_p),
-            )
             st = RequestState(
-                params=params, knobs=knobs,
+                params=params, knobs=sampling_knobs(sampling_params),
                 strategy=REMASKING_STRATEGIES.index(params.remasking_strategy),
                 transfer=params.num_transfer_tokens(),
                 num_logprobs=requested(sampling_params, self.vocab_size),
@@ -384,7 +385,7 @@ class RequestKnobsValidator(LogitsProcessor):
                 "denoised in blocks, not sampled by vLLM's sampler); leave them unset"
             )
         method = (cls.context[0] if cls.context is not None else {}).get("method")
-        if method in GREEDY_ONLY_METHODS and float(sampling_params.temperature) > 1e-5:
+        if method in GREEDY_ONLY_METHODS and sampling_knobs(sampling_params).temperature > 0.0:
             raise ValueError(f"method {method!r} is greedy only: temperature must be 0, got "
                              f"{sampling_params.temperature}")
         extra = getattr(sampling_params, "extra_args", None) or {}

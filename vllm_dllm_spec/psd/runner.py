@@ -23,14 +23,14 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_dllm_spec.config import DenoiseParams
 from vllm_dllm_spec import ops
+from vllm_dllm_spec import region as region_attention
+from vllm_dllm_spec.config import DenoiseParams
 from vllm_dllm_spec.denoise import ENTROPY, PLACEHOLDER, predict_greedy, resolve_request_params
 from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
-from vllm_dllm_spec.walk import PolicyTable, greedy_next_states
 from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.psd import draft_chain
-from vllm_dllm_spec import region as region_attention
+from vllm_dllm_spec.walk import PolicyTable, greedy_next_states
 from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker
 
 logger = init_logger("vllm." + __name__)
@@ -58,6 +58,11 @@ class StepInfo:
     block_start: int
     num_computed: int
     num_copies: int  # copies that carry a state to evaluate (the rest is padding)
+
+
+def padded(states: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Block states [B] each -> [n, B]: the states, then the last one repeated (padding copies)."""
+    return torch.stack(states + [states[-1]] * (n - len(states)))
 
 
 class PSDRunnerMixin(DLLMRunnerMixin):
@@ -97,15 +102,26 @@ class PSDRunnerMixin(DLLMRunnerMixin):
     def _state_for(self, rid: str) -> PSDState:
         st = self.psd_states.get(rid)
         if st is None:
-            extra = getattr(self.requests[rid].sampling_params, "extra_args", None)
+            sp = self.requests[rid].sampling_params
             try:
-                params = resolve_request_params(self.engine_options, extra, self.block_length)
+                params = resolve_request_params(self.engine_options, sp.extra_args, self.block_length)
             except ValueError as err:  # the front end validates; never take the engine down
                 logger.warning("request %s: %s; using the engine's dllm_spec knobs", rid, err)
                 params = resolve_request_params(self.engine_options, None, self.block_length)
-            st = self.psd_states[rid] = PSDState(
-                params=params, num_logprobs=requested(self.requests[rid].sampling_params, self.vocab_size))
+            st = self.psd_states[rid] = self._new_state(params, sp)
         return st
+
+    def _new_state(self, params: DenoiseParams, sampling_params) -> PSDState:
+        return PSDState(params=params, num_logprobs=requested(sampling_params, self.vocab_size))
+
+    def _copy_rows(self, infos: list[StepInfo], offsets: torch.Tensor) -> torch.Tensor:
+        """The spec_logits row of every copy position [R, C, B]. Region index q = c * B + j is spec
+        row offsets[row] + q - known (q >= known: known = the block's prompt tokens); a prompt
+        token's position (q < known) is never a mask, so any row does."""
+        C, B = self.depth, self.block_length
+        known = torch.tensor([i.num_tokens - i.block_start for i in infos])  # [R]
+        start = offsets[torch.tensor([i.row for i in infos])]  # [R]
+        return ((torch.arange(C * B)[None, :] - known[:, None]).clamp(min=0) + start[:, None]).view(-1, C, B)
 
     def _fill_regions(self, scheduler_output) -> None:
         """Writes every scheduled request's region (its block copies) over the placeholder spec
@@ -130,8 +146,7 @@ class PSDRunnerMixin(DLLMRunnerMixin):
                 st.unmasked_at = torch.full((B,), -1)
                 st.block_logprobs = None
             states = [s for s in st.chain if bool((s == mask_id).any())] or [st.block]
-            copies = states + [states[-1]] * (self.depth - len(states))
-            values = torch.cat(copies)[num_tokens - block_start:].tolist()
+            values = padded(states, self.depth).flatten()[num_tokens - block_start:].tolist()
             batch.token_ids_cpu[i, num_tokens: num_tokens + len(values)] = values
             batch.spec_token_ids[i][:] = values
             self._steps[rid] = StepInfo(i, num_tokens, block_start, int(batch.num_computed_tokens_cpu[i]),
@@ -198,10 +213,8 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         B, C, mask_id = self.block_length, self.depth, self.mask_token_id
         R = len(verifying)
         sts = [self.psd_states[rid] for rid, _ in verifying]
-        states = torch.stack([torch.stack(st.chain + [st.chain[-1]] * (C - len(st.chain))) for st in sts])  # [R, C, B]
-        known = torch.tensor([info.num_tokens - info.block_start for _, info in verifying])  # [R]
-        start = torch.tensor([offsets[info.row] for _, info in verifying])  # [R]
-        rows = (torch.arange(C * B)[None, :] - known[:, None]).clamp(min=0) + start[:, None]  # [R, C * B]
+        states = torch.stack([padded(st.chain, C) for st in sts])  # [R, C, B]
+        rows = self._copy_rows([info for _, info in verifying], torch.tensor(offsets))  # [R, C, B]
         lg = spec_logits[rows.flatten().to(spec_logits.device)]  # [R * C * B, V] (a copy)
         lg[:, mask_id] = float("-inf")  # the mask token is never a prediction
         table = PolicyTable.of([st.params for st in sts], max(st.step for st in sts) + C + 1)

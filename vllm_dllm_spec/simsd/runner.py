@@ -27,7 +27,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_dllm_spec import ops
 from vllm_dllm_spec.config import DLLMSpecConfig, SamplingKnobs, SimSDParams
-from vllm_dllm_spec.denoise import PLACEHOLDER
+from vllm_dllm_spec.denoise import PLACEHOLDER, sampling_knobs
 from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
 from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.simsd import sampling_probs
@@ -104,10 +104,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
                 if key in extra:
                     merged[key] = extra[key]
             params = DLLMSpecConfig.from_dict(merged).simsd_params(self.model_block)
-            t = float(sp.temperature)
-            knobs = SamplingKnobs(temperature=t if t > 1e-5 else 0.0, top_k=max(int(sp.top_k), 0),
-                                  top_p=float(sp.top_p))
-            st = self.simsd_states[req_id] = SimSDState(params=params, knobs=knobs)
+            st = self.simsd_states[req_id] = SimSDState(params=params, knobs=sampling_knobs(sp))
         return st
 
     def _host_generator(self, row: int, rid: str) -> torch.Generator | None:

@@ -30,10 +30,10 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_dllm_spec import ops
 from vllm_dllm_spec import region as region_attention
-from vllm_dllm_spec.config import SamplingKnobs
-from vllm_dllm_spec.denoise import ENTROPY, PLACEHOLDER, predict_greedy, resolve_request_params
+from vllm_dllm_spec.config import DenoiseParams, SamplingKnobs
+from vllm_dllm_spec.denoise import ENTROPY, PLACEHOLDER, predict_greedy, sampling_knobs
 from vllm_dllm_spec.logprobs import requested, step_logprobs
-from vllm_dllm_spec.psd.runner import PSDRunnerMixin, PSDState
+from vllm_dllm_spec.psd.runner import PSDRunnerMixin, PSDState, padded
 from vllm_dllm_spec.reference.spiffy import instantiate, load_graph
 from vllm_dllm_spec.walk import PolicyTable, greedy_next_states, sampled_next_state
 from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMWorker
@@ -54,20 +54,9 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
     def _num_copies(self) -> int:
         return int(self.engine_options["graph_budget"])
 
-    def _state_for(self, rid: str) -> SpiffyState:
-        st = self.psd_states.get(rid)
-        if st is None:
-            sp = self.requests[rid].sampling_params
-            try:
-                params = resolve_request_params(self.engine_options, sp.extra_args, self.block_length)
-            except ValueError:  # the front end validates; never take the engine down
-                params = resolve_request_params(self.engine_options, None, self.block_length)
-            temperature = float(sp.temperature)
-            knobs = SamplingKnobs(temperature=temperature if temperature > 1e-5 else 0.0,
-                                  top_k=max(int(sp.top_k), 0), top_p=float(sp.top_p))
-            st = self.psd_states[rid] = SpiffyState(params=params, knobs=knobs,
-                                                    num_logprobs=requested(sp, self.vocab_size))
-        return st
+    def _new_state(self, params: DenoiseParams, sampling_params) -> SpiffyState:
+        return SpiffyState(params=params, knobs=sampling_knobs(sampling_params),
+                           num_logprobs=requested(sampling_params, self.vocab_size))
 
     def _draft_chain(self, st: SpiffyState, logits: torch.Tensor) -> None:
         """The next step's copies: S, then the graph's open states instantiated from S's stale
@@ -147,15 +136,10 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
         offsets = torch.tensor([0] + list(spec_decode_metadata.num_draft_tokens)).cumsum(0)
         infos = list(self._steps.items())
         R = len(infos)
-        known = torch.tensor([i.num_tokens - i.block_start for _, i in infos])  # [R] prompt tokens in the block
-        # region index q of copy c, position j is c * B + j; spec row offsets[row] + q - known
-        # (q >= known); the prompt tokens' rows (q < known) are never masks: any row does
-        q = torch.arange(C * B)
-        index = ((q[None, :] - known[:, None]).clamp(min=0)
-                 + offsets[torch.tensor([i.row for _, i in infos])][:, None]).view(R, C, B)  # [R, C, B]
+        index = self._copy_rows([i for _, i in infos], offsets)  # [R, C, B]
         chains = [self.psd_states[rid].chain or [self.psd_states[rid].block] for rid, _ in infos]
         copies = torch.tensor([len(ch) for ch in chains])  # [R]
-        states = torch.stack([torch.stack(ch + [ch[-1]] * (C - len(ch))) for ch in chains])  # [R, C, B]
+        states = torch.stack([padded(ch, C) for ch in chains])  # [R, C, B]
         path_len, path, final = self._walk(infos, states, copies, spec_logits, index)
 
         # the copy each walk point stands on ([R, C + 1]: S, the path's nodes, then repeated)
@@ -175,7 +159,7 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
                 self._keep_logprobs(st, new[r], final[r], spec_logits[source[r].to(spec_logits.device)])
             st.step += int(path_len[r]) + 1
             st.block = final[r]
-            k = int(known[r])
+            k = info.num_tokens - info.block_start  # the block's prompt tokens
             if bool((st.block == mask_id).any()):
                 self._draft_chain(st, spec_logits[index[r, int(walk_copy[r, path_len[r]])].to(spec_logits.device)])
                 self._next_drafts[info.row] = [mask_id] * self._region_length(info.num_tokens)
