@@ -151,8 +151,6 @@ def configure(vllm_config) -> None:
         model_config.logits_processors = procs + [VALIDATOR_CLS]
 
 
-# attention backends the block-causal split runs on (attention.SUPPORTED_BACKENDS), per platform
-GPU_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
 KERNEL_BLOCK = 16  # FA and Triton kernels take cache blocks in multiples of 16
 
 
@@ -170,13 +168,16 @@ def configure_platform(vllm_config, platform, plan, method: str, model_block: in
             f"{getattr(platform, 'device_name', platform)!r}")
     from vllm.config import CUDAGraphMode
 
+    from vllm_dllm_spec.attention import SUPPORTED_BACKENDS
+
+    gpu_backends = tuple(name for name in SUPPORTED_BACKENDS if name != "CPU_ATTN")
     if plan.gpu_worker_cls is None:
         raise ValueError(f"dllm_spec.method {method!r} has no GPU runner; run it on the CPU platform")
     attention = vllm_config.attention_config
-    if attention.backend is not None and attention.backend.name not in GPU_BACKENDS:
+    if attention.backend is not None and attention.backend.name not in gpu_backends:
         raise ValueError(
             f"attention backend {attention.backend.name} cannot run SDAR's block-causal attention; "
-            f"use --attention-backend FLASH_ATTN or TRITON_ATTN (or leave it unset)")
+            f"use --attention-backend {' or '.join(gpu_backends)} (or leave it unset)")
     # the default order on sm_100 puts FlashInfer first unless the model is non-causal
     attention.use_non_causal = True
     parallel = vllm_config.parallel_config
