@@ -116,6 +116,19 @@ def prompts(model_dir: str, num: int, prompt_tokens: int = 48) -> list[list[int]
     return (found * (num // len(found) + 1))[:num]
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None without matplotlib (plots are
+    optional: the JSON carries every figure)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def write_json(name: str, payload: dict, out: str | None) -> Path:
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

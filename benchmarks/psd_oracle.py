@@ -50,10 +50,9 @@ def graph_for(model_dir: str, block_length: int, strategy: str, prompts: list, g
 
 
 def pareto_plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
+    if plt is None:
+        return
 
     panels = sorted({(r["block_length"], r["strategy"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)

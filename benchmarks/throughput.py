@@ -156,12 +156,8 @@ def profiled_run(llm, prompts, gen_length: int, extra_args: dict) -> dict:
 
 def plot_phases(results: list[dict], path: Path) -> str | None:
     """Stacked bars: time per engine step by phase, one bar per (method, batch), one panel per block."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return None
     blocks = sorted({r["block"] for r in results})
     fig, axes = plt.subplots(len(blocks), 1, figsize=(max(8, 0.45 * len(results) / len(blocks) + 3), 4 * len(blocks)),
@@ -183,12 +179,8 @@ def plot_phases(results: list[dict], path: Path) -> str | None:
 
 
 def plot(results: list[dict], path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return None
     blocks = sorted({r["block"] for r in results})
     fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 4), squeeze=False)
