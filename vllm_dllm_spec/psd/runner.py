@@ -1,22 +1,26 @@
 """PSD worker / model runner: `PSDRunnerMixin` over the block-diffusion mixin, mixed into a CPU
 runner (`PSDModelRunner`) and a GPU one (`PSDGPUModelRunner`; see vllm_dllm_spec.worker).
 
-Per request the runner keeps its in-progress block S and, once a forward has given the logits
-of S, the chain of states drafted from them (`reference.psd`: the remasking policy applied
-again and again to the same logits). One engine step = one forward over the request's region,
-`draft_depth` copies of its block (token indices block_start + c * B + j, positions
-block_start + j, each copy attending to the cached prefix and to itself only):
+Per request the runner keeps (as one slot of `psd.slots.BlockSlots`) its in-progress block S
+and, once a forward has given the logits of S, the chain of states drafted from them
+(`reference.psd`: the remasking policy applied again and again to the same logits). One engine
+step = one forward over the request's region, `draft_depth` copies of its block (token indices
+block_start + c * B + j, positions block_start + j, each copy attending to the cached prefix and
+to itself only):
 - no chain yet (a block's first step): copy 0 = S, the other copies repeat it (unused);
 - otherwise: copy c = the chain's (c + 1)-th state, the last one repeated as padding.
 `_sample` reads each copy's logits: the first step yields logits(S); a verify step keeps the
 deepest chain state the policy confirms (hierarchical acceptance). A state without masks is the
 finished block, emitted whole; otherwise the logits of the accepted state draft the next chain.
+Every stage runs batched over the step's requests (loops remain only over the draft depth,
+over requests that asked for logprobs, and over finished blocks for their step_map records).
 Tokens, step_map and forwards equal `reference.psd.psd_generate` (tests/test_vllm_psd.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
@@ -25,11 +29,9 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_dllm_spec import ops
 from vllm_dllm_spec import region as region_attention
-from vllm_dllm_spec.config import DenoiseParams
-from vllm_dllm_spec.denoise import ENTROPY, PLACEHOLDER, predict_greedy, resolve_request_params
+from vllm_dllm_spec.denoise import ENTROPY, PLACEHOLDER, predict_greedy, resolve_request_params, sampling_knobs
 from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
-from vllm_dllm_spec.reference.generate import exclude_mask_token
-from vllm_dllm_spec.reference.psd import draft_chain
+from vllm_dllm_spec.psd.slots import BlockSlots
 from vllm_dllm_spec.walk import PolicyTable, greedy_next_states
 from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker
 
@@ -37,32 +39,44 @@ logger = init_logger("vllm." + __name__)
 
 
 @dataclass
-class PSDState:
-    params: DenoiseParams
-    block_start: int = -1
-    block: torch.Tensor | None = None  # [B] the known state S (prompt tokens, unmasked, masks)
-    step: int = 0  # denoising steps S has taken
-    unmasked_at: torch.Tensor | None = None  # [B] step that unmasked each position, -1 if not yet
-    chain: list[torch.Tensor] = field(default_factory=list)  # drafted states S_1 .. (from logits(S))
-    chosen: list[torch.Tensor] = field(default_factory=list)  # [B] bool: what each transition unmasked
-    num_logprobs: int | None = None  # the request's top-k logprobs (None: none asked)
-    chain_logits: torch.Tensor | None = None  # [B, V] logits(S) the chain was drafted from (logprobs only)
-    # per position, its logprobs from the step that unmasked it: ids [B, k+1], values, ranks [B]
-    block_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+class Step:
+    """The requests of this step that evaluate block copies, in input-batch order."""
+
+    req_ids: list[str]
+    rows: torch.Tensor  # [R] input-batch row
+    slots: torch.Tensor  # [R] BlockSlots slot
+    num_tokens: torch.Tensor  # [R] tokens before the region (the block's prompt tokens included)
+    block_start: torch.Tensor  # [R]
+    num_computed: torch.Tensor  # [R]
+    copies: torch.Tensor | None = None  # [R, C, B] the states the region evaluates (padded: the last repeated)
+    num_copies: torch.Tensor | None = None  # [R] copies that carry a state (the rest is padding)
+
+    @property
+    def known(self) -> torch.Tensor:  # [R] the block's prompt tokens
+        return self.num_tokens - self.block_start
 
 
 @dataclass
-class StepInfo:
-    row: int
-    num_tokens: int
-    block_start: int
-    num_computed: int
-    num_copies: int  # copies that carry a state to evaluate (the rest is padding)
+class Verified:
+    """One step's verified logits: spec_logits [T, V] (mask token -inf), index [R, C, B] the
+    spec_logits row of every copy position, the greedy prediction of every copy position
+    (token / confidence / entropy [R, C, B], on the host) and the requests' policy."""
 
+    spec_logits: torch.Tensor
+    index: torch.Tensor
+    token: torch.Tensor
+    confidence: torch.Tensor
+    entropy: torch.Tensor
+    table: PolicyTable
 
-def padded(states: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Block states [B] each -> [n, B]: the states, then the last one repeated (padding copies)."""
-    return torch.stack(states + [states[-1]] * (n - len(states)))
+    def at_copy(self, copy: torch.Tensor):
+        """copy [R] -> token, confidence, entropy [R, B] of that copy of each request."""
+        R, _, B = self.token.shape
+        pick = copy.view(R, 1, 1).expand(R, 1, B)
+        return tuple(t.gather(1, pick)[:, 0] for t in (self.token, self.confidence, self.entropy))
+
+    def logits(self, r: int, copy: int) -> torch.Tensor:  # [B, V]
+        return self.spec_logits[self.index[r, copy].to(self.spec_logits.device)]
 
 
 class PSDRunnerMixin(DLLMRunnerMixin):
@@ -74,8 +88,9 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         self.vocab_size = int(hf.vocab_size)
         self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
         self.depth = self._num_copies()
-        self.psd_states: dict[str, PSDState] = {}
-        self._steps: dict[str, StepInfo] = {}
+        self.slots = BlockSlots(self.block_length, self.depth, self.mask_token_id,
+                                vllm_config.scheduler_config.max_num_seqs)
+        self._step: Step | None = None
         self._next_drafts: list[list[int]] = []
 
     def _num_copies(self) -> int:
@@ -86,192 +101,236 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         super().load_model(*args, **kwargs)
         region_attention.install_region_attention(self.model)
 
-    def _region_length(self, num_tokens: int) -> int:
-        return self.depth * self.block_length - num_tokens % self.block_length
-
     # -- per-request state -------------------------------------------------------------------
     def _update_states(self, scheduler_output):
-        for r in scheduler_output.finished_req_ids:
-            self.psd_states.pop(r, None)
-        for r in scheduler_output.preempted_req_ids or ():
-            self.psd_states.pop(r, None)  # its KV is freed: the in-progress block restarts
+        self.slots.release(scheduler_output.finished_req_ids)
+        # a preempted request's KV is freed: its in-progress block restarts
+        self.slots.release(scheduler_output.preempted_req_ids or ())
         result = super()._update_states(scheduler_output)
         self._fill_regions(scheduler_output)
         return result
 
-    def _state_for(self, rid: str) -> PSDState:
-        st = self.psd_states.get(rid)
-        if st is None:
+    def _slot_for(self, rid: str) -> int:
+        s = self.slots.slot_of.get(rid)
+        if s is None:  # a request's first step: its knobs, once
             sp = self.requests[rid].sampling_params
             try:
                 params = resolve_request_params(self.engine_options, sp.extra_args, self.block_length)
             except ValueError as err:  # the front end validates; never take the engine down
                 logger.warning("request %s: %s; using the engine's dllm_spec knobs", rid, err)
                 params = resolve_request_params(self.engine_options, None, self.block_length)
-            st = self.psd_states[rid] = self._new_state(params, sp)
-        return st
+            s = self.slots.add(rid, params, sampling_knobs(sp), requested(sp, self.vocab_size))
+        return s
 
-    def _new_state(self, params: DenoiseParams, sampling_params) -> PSDState:
-        return PSDState(params=params, num_logprobs=requested(sampling_params, self.vocab_size))
-
-    def _copy_rows(self, infos: list[StepInfo], offsets: torch.Tensor) -> torch.Tensor:
+    def _copy_rows(self, step: Step, offsets: torch.Tensor) -> torch.Tensor:
         """The spec_logits row of every copy position [R, C, B]. Region index q = c * B + j is spec
         row offsets[row] + q - known (q >= known: known = the block's prompt tokens); a prompt
         token's position (q < known) is never a mask, so any row does."""
         C, B = self.depth, self.block_length
-        known = torch.tensor([i.num_tokens - i.block_start for i in infos])  # [R]
-        start = offsets[torch.tensor([i.row for i in infos])]  # [R]
-        return ((torch.arange(C * B)[None, :] - known[:, None]).clamp(min=0) + start[:, None]).view(-1, C, B)
+        start = offsets[step.rows]  # [R]
+        return ((torch.arange(C * B)[None, :] - step.known[:, None]).clamp(min=0) + start[:, None]).view(-1, C, B)
 
     def _fill_regions(self, scheduler_output) -> None:
         """Writes every scheduled request's region (its block copies) over the placeholder spec
-        tokens the scheduler reserved."""
-        self._steps = {}
-        batch, B, mask_id = self.input_batch, self.block_length, self.mask_token_id
+        tokens the scheduler reserved; a request at a new block starts it from its prompt tokens
+        and masks."""
+        self._step = None
+        batch, B, C, mask_id, sl = self.input_batch, self.block_length, self.depth, self.mask_token_id, self.slots
+        req_ids = batch.req_ids[: batch.num_reqs]
         spec = scheduler_output.scheduled_spec_decode_tokens
-        for i, rid in enumerate(batch.req_ids[: batch.num_reqs]):
-            n_spec = len(spec.get(rid, ()))
-            if n_spec == 0:
-                continue  # a prompt chunk
-            num_tokens = int(batch.num_tokens_no_spec[i])
-            if n_spec != self._region_length(num_tokens):
-                raise RuntimeError(f"PSD request {rid}: {n_spec} spec tokens scheduled, the region needs "
-                                   f"{self._region_length(num_tokens)} (the hook sizes the token budget; a bug)")
-            st = self._state_for(rid)
-            block_start = num_tokens // B * B
-            if st.block_start != block_start:  # a new block: fully masked after its prompt tokens
-                known = torch.from_numpy(batch.token_ids_cpu[i, block_start:num_tokens].copy()).long()
-                st.block_start, st.step, st.chain, st.chosen = block_start, 0, [], []
-                st.block = torch.cat([known, torch.full((B - known.numel(),), mask_id)])
-                st.unmasked_at = torch.full((B,), -1)
-                st.block_logprobs = None
-            states = [s for s in st.chain if bool((s == mask_id).any())] or [st.block]
-            values = padded(states, self.depth).flatten()[num_tokens - block_start:].tolist()
-            batch.token_ids_cpu[i, num_tokens: num_tokens + len(values)] = values
-            batch.spec_token_ids[i][:] = values
-            self._steps[rid] = StepInfo(i, num_tokens, block_start, int(batch.num_computed_tokens_cpu[i]),
-                                        len(states))
+        n_spec = np.array([len(spec.get(rid, ())) for rid in req_ids], dtype=np.int64)
+        rows = np.flatnonzero(n_spec)  # the others are prompt chunks
+        if rows.size == 0:
+            return
+        num_tokens = batch.num_tokens_no_spec[rows].astype(np.int64)  # [R]
+        length = C * B - num_tokens % B  # [R] the region after the block's prompt tokens
+        bad = np.flatnonzero(n_spec[rows] != length)
+        if bad.size:
+            i = int(bad[0])
+            raise RuntimeError(f"PSD request {req_ids[rows[i]]}: {n_spec[rows[i]]} spec tokens scheduled, the region "
+                               f"needs {length[i]} (the hook sizes the token budget; a bug)")
+        rids = [req_ids[i] for i in rows]
+        slots = torch.tensor([self._slot_for(rid) for rid in rids])
+        block_start = num_tokens // B * B
+        step = Step(rids, torch.from_numpy(rows), slots, torch.from_numpy(num_tokens), torch.from_numpy(block_start),
+                    torch.from_numpy(batch.num_computed_tokens_cpu[rows].astype(np.int64)))
+        known = step.known
+        new = sl.block_start[slots] != step.block_start  # [R] a new block: fully masked after its prompt tokens
+        if bool(new.any()):
+            n = new.numpy()
+            toks = torch.from_numpy(batch.token_ids_cpu[rows[n, None], block_start[n, None] + np.arange(B)]).long()
+            ns = slots[new]
+            sl.block[ns] = torch.where(torch.arange(B) < known[new, None], toks, mask_id)
+            sl.block_start[ns], sl.step[ns], sl.chain_len[ns], sl.unmasked_at[ns] = step.block_start[new], 0, 0, -1
+        step.copies, step.num_copies = sl.copies(slots)  # [R, C, B], [R]
+        copies = step.copies
+        # region index q >= known of request r holds copies[r].flatten()[q]
+        r = np.repeat(np.arange(len(rows)), length)  # [sum length]
+        j = np.arange(r.size) - np.repeat(np.cumsum(length) - length, length)
+        values = copies.view(len(rows), C * B).numpy()[r, known.numpy()[r] + j]
+        batch.token_ids_cpu[rows[r], num_tokens[r] + j] = values
+        for i, v in zip(rows.tolist(), np.split(values, np.cumsum(length)[:-1])):
+            batch.spec_token_ids[i][:] = v.tolist()
+        self._step = step
 
     # -- positions (each copy at the block's positions) and the block-diagonal mask ----------
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         out = super()._prepare_inputs(scheduler_output, *args, **kwargs)
         region_attention.CURRENT = None
-        if not self._steps:
+        step = self._step
+        if step is None:
             return out
         B, D = self.block_length, self.depth
-        Q = D * B
-        qsl = self.query_start_loc.cpu
-        tables = self.input_batch.block_table[0].get_cpu_tensor()
-        infos = list(self._steps.values())
-        starts = torch.tensor([int(qsl[s.row]) + s.block_start - s.num_computed for s in infos])
-        region_index = starts[:, None] + torch.arange(Q)  # [R, Q]
-        block_starts = torch.tensor([s.block_start for s in infos])
-        positions = block_starts[:, None] + torch.arange(B).repeat(D)  # [R, Q]: every copy at the block
+        starts = self.query_start_loc.cpu[step.rows].long() + step.block_start - step.num_computed  # [R]
+        region_index = starts[:, None] + torch.arange(D * B)  # [R, Q]
+        positions = step.block_start[:, None] + torch.arange(B).repeat(D)  # [R, Q]: every copy at the block
         dev = self.positions.device
         self.positions[region_index.flatten().to(dev)] = positions.flatten().to(dev, self.positions.dtype)
+        tables = self.input_batch.block_table[0].get_cpu_tensor()
         region_attention.CURRENT = region_attention.block_copies_layout(
-            region_index, tables[torch.tensor([s.row for s in infos])], block_starts, D, B).to(dev)
+            region_index, tables[step.rows], step.block_start, D, B).to(dev)
         return out
 
-    # -- acceptance and the next chain -------------------------------------------------------
-    def _draft_chain(self, st: PSDState, logits: torch.Tensor) -> None:
-        st.chain, st.chosen = draft_chain(st.params, st.step, st.block, logits, self.depth, self.mask_token_id)
-        if st.num_logprobs is not None:
-            st.chain_logits = logits
+    # -- verification, acceptance and the next chain -----------------------------------------
+    def _verified(self, step: Step, logits: torch.Tensor, spec_decode_metadata) -> Verified:
+        """The logits AT the spec tokens and the greedy prediction of every copy position."""
+        spec_logits = logits[spec_decode_metadata.target_logits_indices + 1]  # [T, V] (a copy)
+        spec_logits[:, self.mask_token_id] = float("-inf")  # the mask token is never a prediction
+        offsets = torch.tensor([0] + list(spec_decode_metadata.num_draft_tokens)).cumsum(0)
+        index = self._copy_rows(step, offsets)  # [R, C, B]
+        table = self.slots.policy(step.slots)
+        need_entropy = bool((table.strategy == ENTROPY).any())
+        rows = spec_logits[index.flatten().to(spec_logits.device)]  # [R * C * B, V]
+        tok, conf, ent = (t.cpu().view(index.shape) for t in predict_greedy(rows, need_entropy))
+        return Verified(spec_logits, index, tok, conf, ent, table)
 
-    def _advance(self, st: PSDState, accepted: int, verified: torch.Tensor | None = None) -> None:
-        """Accepts the chain's first `accepted` transitions; `verified` [copies, B, V] are the
-        logits of the chain states (transition i >= 1 was decided by state i - 1's)."""
-        for i in range(accepted):
-            st.unmasked_at[st.chosen[i]] = st.step + i
-            if st.num_logprobs is not None:  # a loop over accepted steps (<= draft_depth)
-                source = st.chain_logits if i == 0 else verified[i - 1]
-                self._keep_logprobs(st, st.chosen[i], st.chain[i], source)
-        st.block = st.chain[accepted - 1]
-        st.step += accepted
-
-    def _keep_logprobs(self, st: PSDState, chosen: torch.Tensor, state: torch.Tensor, logits: torch.Tensor) -> None:
-        """The logprobs of the positions one transition unmasked (`chosen` [B] bool, tokens from
-        `state` [B]) under the logits it was decided by (mask excluded, as the policy)."""
-        w = st.num_logprobs + 1
-        if st.block_logprobs is None:
-            B = self.block_length
-            st.block_logprobs = (torch.zeros((B, w), dtype=torch.int64), torch.zeros((B, w), dtype=torch.float32),
-                                 torch.zeros(B, dtype=torch.int64))
-        ids, values, ranks = gather(exclude_mask_token(logits[chosen], self.mask_token_id), state[chosen], w - 1)
-        st.block_logprobs[0][chosen], st.block_logprobs[1][chosen], st.block_logprobs[2][chosen] = ids, values, ranks
-
-    def _accepted_depths(self, spec_logits: torch.Tensor, offsets: list[int]) -> dict[str, int]:
+    def _accepted_depths(self, step: Step, v: Verified) -> torch.Tensor:
         """Hierarchical acceptance of every verifying request at once (what
         `reference.psd.accepted_depth` does for one): chain state c + 1 stands iff the policy on
-        chain state c's verified logits, at step st.step + 1 + c, gives it, and so did every
-        state before it. Through `ops.graph_accept` with the chain as parents and only the
-        diagonal next states (state c is reached after c steps)."""
-        verifying = [(rid, info) for rid, info in self._steps.items() if self.psd_states[rid].chain]
-        if not verifying:
-            return {}
-        B, C, mask_id = self.block_length, self.depth, self.mask_token_id
-        R = len(verifying)
-        sts = [self.psd_states[rid] for rid, _ in verifying]
-        states = torch.stack([padded(st.chain, C) for st in sts])  # [R, C, B]
-        rows = self._copy_rows([info for _, info in verifying], torch.tensor(offsets))  # [R, C, B]
-        lg = spec_logits[rows.flatten().to(spec_logits.device)]  # [R * C * B, V] (a copy)
-        lg[:, mask_id] = float("-inf")  # the mask token is never a prediction
-        table = PolicyTable.of([st.params for st in sts], max(st.step for st in sts) + C + 1)
-        tok, conf, ent = (t.cpu().view(R, C, B) for t in predict_greedy(lg, bool((table.strategy == ENTROPY).any())))
-        steps = torch.tensor([st.step + 1 for st in sts])[:, None, None] + torch.arange(C)[None, :, None]  # [R, C, 1]
-        nxt = greedy_next_states(states, tok, conf, ent, steps, table, mask_id)[:, :, 0]  # [R, C, B]
+        chain state c's verified logits, at step s + 1 + c, gives it, and so did every state
+        before it. Through `ops.graph_accept` with the chain as parents and only the diagonal
+        next states (state c is reached after c steps). -> chain states kept [R] (0: no chain,
+        a block's first step)."""
+        B, C, mask_id, sl = self.block_length, self.depth, self.mask_token_id, self.slots
+        chain, chain_len = sl.chain[step.slots], sl.chain_len[step.slots]  # [R, C, B], [R]
+        verifying = chain_len > 0
+        if not bool(verifying.any()):
+            return torch.zeros_like(chain_len)
+        R = chain.shape[0]
+        steps = (sl.step[step.slots] + 1)[:, None, None] + torch.arange(C)[None, :, None]  # [R, C, 1]
+        nxt = greedy_next_states(chain, v.token, v.confidence, v.entropy, steps, v.table, mask_id)[:, :, 0]
         c = torch.arange(C)
-        verified = c[None, :] < torch.tensor([info.num_copies for _, info in verifying])[:, None]  # [R, C]
+        verified = c[None, :] < step.num_copies[:, None]  # [R, C]
         diagonal = torch.full((R, C, C, B), -1, dtype=torch.int64)  # [R, N + 1, D, B], N = C - 1
         diagonal[:, c, c] = torch.where(verified[..., None], nxt, -1)
-        num_nodes = torch.tensor([len(st.chain) - 1 for st in sts])  # [R]
-        path_len, _ = ops.graph_accept(states[:, 1:], diagonal, num_nodes, ops.chain_parents(R, C - 1))
-        return {rid: n + 1 for (rid, _), n in zip(verifying, path_len.tolist())}
+        path_len, _ = ops.graph_accept(chain[:, 1:], diagonal, (chain_len - 1).clamp(min=0),
+                                       ops.chain_parents(R, C - 1))
+        return torch.where(verifying, path_len + 1, 0)
+
+    def _draft_chain(self, step: Step, v: Verified, block: torch.Tensor, steps: torch.Tensor,
+                     source: torch.Tensor) -> None:
+        """The next chains: the policy applied again and again to the logits of the current
+        state block [R, B] (at denoising step steps [R]; its logits: copy source [R]), stopping
+        at a state without masks (`reference.psd.draft_chain`, batched)."""
+        R, B = block.shape
+        mask_id, sl = self.mask_token_id, self.slots
+        tok, conf, ent = v.at_copy(source)  # [R, B]
+        chain = torch.empty((R, self.depth, B), dtype=torch.int64)
+        chain_len = torch.zeros(R, dtype=torch.int64)
+        state, rows = block, torch.arange(R)
+        for i in range(self.depth):  # the same logits each step: only the masks left change
+            is_mask = state == mask_id
+            chain_len += is_mask.any(1)
+            state = torch.where(v.table.select(rows, steps + i, is_mask, conf, ent), tok, state)
+            chain[:, i] = state
+        sl.chain[step.slots], sl.chain_len[step.slots] = chain, chain_len
+        for r in self._logprob_rows(step):  # the chain's first transition is decided by these logits
+            sl.chain_logits[int(step.slots[r])] = v.logits(r, int(source[r]))
+
+    def _logprob_rows(self, step: Step) -> list[int]:
+        """The step's requests that asked for logprobs (their bookkeeping is a loop: rare)."""
+        return self.slots.logprobs[step.slots].nonzero()[:, 0].tolist()
+
+    def _keep_logprobs(self, slot: int, chosen: torch.Tensor, state: torch.Tensor, logits: torch.Tensor) -> None:
+        """The logprobs of the positions one transition unmasked (`chosen` [B] bool, tokens from
+        `state` [B]) under the logits [B, V] it was decided by (mask token already -inf)."""
+        sl, B = self.slots, self.block_length
+        w = sl.num_logprobs[slot] + 1
+        if slot not in sl.block_logprobs:
+            sl.block_logprobs[slot] = (torch.zeros((B, w), dtype=torch.int64), torch.zeros((B, w), dtype=torch.float32),
+                                       torch.zeros(B, dtype=torch.int64))
+        dev = logits.device
+        ids, values, ranks = (t.cpu() for t in gather(logits[chosen.to(dev)], state[chosen], w - 1))
+        lp = sl.block_logprobs[slot]
+        lp[0][chosen], lp[1][chosen], lp[2][chosen] = ids, values, ranks
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
         region_attention.CURRENT = None
-        batch, B, mask_id = self.input_batch, self.block_length, self.mask_token_id
+        batch, B, C, mask_id, sl = self.input_batch, self.block_length, self.depth, self.mask_token_id, self.slots
         num_reqs = batch.num_reqs
         out = torch.full((num_reqs, B + 1), PLACEHOLDER, dtype=torch.int64)  # spare column: see worker.py
         self._next_drafts = [[] for _ in range(num_reqs)]
         self.drafter.finished_step_maps = {}
-        if spec_decode_metadata is None or not self._steps:
-            return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
-        # [T, V] AT the spec tokens, on the host, where the chain policy and its blocks live
-        spec_logits = logits[spec_decode_metadata.target_logits_indices + 1].cpu()
+        step = self._step
+        if spec_decode_metadata is None or step is None:
+            return SamplerOutput(sampled_token_ids=out.to(logits.device, torch.int32), logprobs_tensors=None)
         grid = step_logprobs([self.requests[r].sampling_params for r in batch.req_ids[:num_reqs]],
                              self.vocab_size, B + 1)
-        offsets = [0]
-        for n in spec_decode_metadata.num_draft_tokens:
-            offsets.append(offsets[-1] + n)
-        accepted = self._accepted_depths(spec_logits, offsets)  # rid -> chain steps kept
-        for rid, info in self._steps.items():
-            st = self.psd_states[rid]
-            known = info.num_tokens - info.block_start
-            # region index q holds spec row offsets[row] + q - known (q >= known); rows of the
-            # prompt tokens (q < known) are never masks: any logits do
-            q = (torch.arange(info.num_copies * B) - known).clamp(min=0) + offsets[info.row]
-            copy_logits = spec_logits[q].view(info.num_copies, B, -1)  # [copies, B, V]
-            if not st.chain:  # the block's first step: logits of S itself
-                self._draft_chain(st, copy_logits[0])
-            else:
-                self._advance(st, accepted[rid], copy_logits)
-                if bool((st.block == mask_id).any()):
-                    self._draft_chain(st, copy_logits[accepted[rid] - 1])
-            if not bool((st.chain[0] == mask_id).any()) and bool((st.block == mask_id).any()):
-                self._advance(st, 1)  # the policy's next step finishes the block: no forward needed
-            if bool((st.block == mask_id).any()):
-                self._next_drafts[info.row] = [mask_id] * self._region_length(info.num_tokens)
-                continue
-            out[info.row, : B - known] = st.block[known:]
-            if grid is not None and st.block_logprobs is not None:
-                grid.put(info.row, slice(0, B - known), *(t[known:] for t in st.block_logprobs))
-            self.drafter.finished_step_maps[rid] = st.unmasked_at[known:].tolist()
-            st.block_start = -1  # the next block starts fully masked
-            self._next_drafts[info.row] = [mask_id] * self._region_length(info.num_tokens + B - known)
-        return SamplerOutput(sampled_token_ids=out.to(torch.int32),
+        v = self._verified(step, logits, spec_decode_metadata)
+        accepted = self._accepted_depths(step, v)  # [R]
+        R, s = len(step.req_ids), step.slots
+        chain, old = sl.chain[s], sl.block[s]  # [R, C, B], [R, B]
+        reached = chain.gather(1, (accepted - 1).clamp(min=0).view(R, 1, 1).expand(R, 1, B))[:, 0]
+        block = torch.where((accepted > 0)[:, None], reached, old)  # [R, B]
+        # a position the chain unmasked was unmasked by transition t = (kept states masked there)
+        t = ((chain == mask_id) & (torch.arange(C)[None, :, None] < accepted[:, None, None])).sum(1)  # [R, B]
+        new = (old == mask_id) & (block != mask_id)
+        unmasked_at = torch.where(new, sl.step[s, None] + t, sl.unmasked_at[s])  # [R, B]
+        steps = sl.step[s] + accepted  # [R]
+        lp_rows = self._logprob_rows(step)
+        for r in lp_rows:  # accepted transition i was decided by logits(S) (i = 0) or copy i - 1
+            slot, prev = int(s[r]), old[r]
+            for i in range(int(accepted[r])):
+                source = sl.chain_logits[slot] if i == 0 else v.logits(r, i - 1)
+                self._keep_logprobs(slot, (prev == mask_id) & (chain[r, i] != mask_id), chain[r, i], source)
+                prev = chain[r, i]
+        source = (accepted - 1).clamp(min=0)  # the copy holding the current state's logits
+        self._draft_chain(step, v, block, steps, source)
+        # the policy's next step finishes the block: taken now, no forward needed
+        first = sl.chain[s, 0]  # [R, B]
+        now = (block == mask_id).any(1) & ~(first == mask_id).any(1)  # [R]
+        for r in (r for r in lp_rows if bool(now[r])):
+            self._keep_logprobs(int(s[r]), block[r] == mask_id, first[r], sl.chain_logits[int(s[r])])
+        unmasked_at = torch.where(now[:, None] & (block == mask_id), steps[:, None], unmasked_at)
+        block = torch.where(now[:, None], first, block)
+        sl.block[s], sl.step[s], sl.unmasked_at[s] = block, steps + now, unmasked_at
+        self._emit(step, block, out, grid)
+        return SamplerOutput(sampled_token_ids=out.to(logits.device, torch.int32),
                              logprobs_tensors=None if grid is None else grid.tensors())
+
+    def _emit(self, step: Step, block: torch.Tensor, out: torch.Tensor, grid) -> None:
+        """Finished blocks (no mask left in block [R, B]) become their rows of `out` (generated
+        tokens first), with their step_map and logprobs; every request's next region is masks:
+        the same block again, or the next block from its start."""
+        B, mask_id, sl = self.block_length, self.mask_token_id, self.slots
+        done = ~(block == mask_id).any(1)  # [R]
+        after = torch.where(done, step.block_start + B, step.num_tokens)  # [R] tokens before the next region
+        for row, n in zip(step.rows.tolist(), (self.depth * B - after % B).tolist()):
+            self._next_drafts[row] = [mask_id] * n
+        if not bool(done.any()):
+            return
+        d = done.nonzero()[:, 0]  # [F]
+        known = step.known[d]  # [F]
+        col = torch.arange(B) + known[:, None]  # [F, B]
+        out[step.rows[d], :B] = torch.where(col < B, block[d].gather(1, col.clamp(max=B - 1)), PLACEHOLDER)
+        slots = step.slots[d]
+        step_maps = sl.unmasked_at[slots].tolist()
+        for f, (r, k, slot, row) in enumerate(zip(d.tolist(), known.tolist(), slots.tolist(), step.rows[d].tolist())):
+            self.drafter.finished_step_maps[step.req_ids[r]] = step_maps[f][k:]
+            lp = sl.block_logprobs.pop(slot, None)
+            if grid is not None and lp is not None:
+                grid.put(row, slice(0, B - k), *(x[k:] for x in lp))
+        sl.block_start[slots] = -1  # the next block starts fully masked
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         return self._next_drafts
