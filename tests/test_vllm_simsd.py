@@ -139,6 +139,38 @@ def test_greedy_batch_equals_oracle(engine):
         assert hits[70] >= 64 and hits[40] >= 32, hits
 
 
+def _draft_wiring(worker) -> dict:
+    """What the runner's draft is: checked in the worker (collective_rpc)."""
+    from vllm_dllm_spec.model import SDARForCausalLM
+    from vllm_dllm_spec.simsd.draft import DRAFT_PREFIX
+
+    runner = worker.model_runner
+    draft = runner.draft
+    group = runner.kv_cache_config.kv_cache_groups
+    target_layers = {n for g in runner.attn_groups[0] for n in g.layer_names}
+    caches = runner.compilation_config.static_forward_context
+    return {
+        "vllm_class": isinstance(draft.model, SDARForCausalLM),
+        "layers": list(draft.layer_names),
+        "prefixed": all(n.startswith(DRAFT_PREFIX + ".") for n in draft.layer_names),
+        "in_kv_group": len(group) == 1 and set(draft.layer_names) <= set(group[0].layer_names),
+        "groups_split": not (target_layers & set(draft.layer_names))
+        and {n for g in draft.attn_groups for n in g.layer_names} == set(draft.layer_names),
+        "written": all(bool(caches[n].kv_cache.abs().sum() > 0) for n in draft.layer_names),
+    }
+
+
+def test_draft_runs_on_vllm_layers(engine):
+    """The draft is the plugin's vLLM model class, its attention layers are in the engine's one
+    KV-cache group (sized and bound by vLLM) and its forwards wrote their KV there."""
+    llm, target, draft, options, B, _ = engine
+    run_batch(llm, prompts_for(target.config.vocab_size, seed=B)[:2], request_configs(B)[:2], [8, 8])
+    (info,) = llm.collective_rpc(_draft_wiring)
+    num_layers = (draft or target).config.num_hidden_layers
+    assert len(info.pop("layers")) == num_layers
+    assert all(info.values()), info
+
+
 def test_mrs_with_seeds_equals_oracle(engine):
     """temperature > 0: the engine's per-request generator (SamplingParams.seed) is consumed in
     the oracle's order (draft sampling, then the MRS uniforms), so even sampling is exact."""

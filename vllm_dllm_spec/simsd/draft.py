@@ -1,99 +1,125 @@
-"""The SimSD draft model inside vLLM: the project's pure-PyTorch SDAR model (reference weights
-and math) running batched over requests on its OWN paged KV cache, addressed through the
-target's block tables (draft positions equal target positions, so no second KV-cache manager).
-
-Draft KV layout: per layer one flat tensor [num_blocks * cache_block_size, kv_heads, head_dim]
-for keys and one for values; slot(p) = block_table[p // cbs] * cbs + p % cbs, the target's
-slot of the same position.
+"""The SimSD draft model inside vLLM: the plugin's own vLLM model class (`SDARForCausalLM`,
+loaded through vLLM's loader, TP-sharded like the target) with its attention on the block-causal
+backend over its OWN layers' KV cache. Its attention layers register in the engine's static
+forward context, so vLLM's KV-cache manager sizes, allocates and pages them in the target's one
+KV-cache group: draft positions equal target positions and the draft reads and writes its cache
+through the target's block tables (no second KV-cache manager; the draft's KV takes its share of
+the cache memory).
 
 `draft_round` runs one SimSD draft round for every request of the step at once (reference:
 `reference.simsd.draft_round`): each loop iteration is ONE batched draft forward over every
 request still denoising (requests at different blocks / steps mixed), then the batched
-denoising update (`denoise.select_to_unmask`, the reference's selection rules).
+denoising update (`denoise.select_to_unmask`, the reference's selection rules). The pure-PyTorch
+draft stays only in the oracle.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.vllm import get_layers_from_vllm_config
+from vllm.forward_context import set_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.model_loader import get_model
+from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_dllm_spec.config import REMASKING_STRATEGIES, SimSDParams, SamplingKnobs
 from vllm_dllm_spec.denoise import predict_greedy, select_to_unmask
 from vllm_dllm_spec.reference.generate import exclude_mask_token, predict
-from vllm_dllm_spec.reference.model import SDARModel, apply_rope, rope_cos_sin
 from vllm_dllm_spec.region import cache_slots
 
+# the draft's module prefix: its attention layers are "dllm_draft.model.layers.{i}.self_attn.attn"
+DRAFT_PREFIX = "dllm_draft"
 
-class PagedDraftModel:
-    """The draft's weights and paged KV cache on `device` (the runner's: a GPU on CUDA). Its
-    forward returns the block logits on the host, where the draft's denoising policy runs."""
 
-    def __init__(self, model: SDARModel, num_blocks: int, cache_block_size: int, device=None):
-        self.device = torch.device(device or "cpu")
-        self.model = model.to(self.device)
-        cfg = model.config
-        self.cbs = cache_block_size
-        n = num_blocks * cache_block_size
-        shape = (n, cfg.num_key_value_heads, cfg.head_dim)
-        dtype = next(model.parameters()).dtype
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+def draft_model_config(target: ModelConfig, path: str) -> ModelConfig:
+    """The draft's ModelConfig: its own checkpoint with the target's tokenizer, dtype, context
+    length and eager flag; the SDAR fields the config hook resolved for the target (block
+    length, mask id) are the draft's too (the runner denoises both with the target's)."""
+    draft = ModelConfig(
+        model=path, runner="draft", tokenizer=target.tokenizer, tokenizer_mode=target.tokenizer_mode,
+        trust_remote_code=target.trust_remote_code, dtype=target.dtype, seed=target.seed,
+        max_model_len=target.max_model_len, enforce_eager=target.enforce_eager,
+        max_logprobs=target.max_logprobs)
+    for attr in ("block_size", "mask_token_id"):
+        setattr(draft.hf_config, attr, getattr(target.hf_config, attr))
+    return draft
+
+
+def split_draft_groups(groups: list, draft_layers: set[str]) -> tuple[list, list]:
+    """Split one KV-cache group's attention groups into (target's, draft's). A group holding
+    both (a self-draft: same backend and shapes) becomes two halves that share its metadata
+    builders, so the target's forward builds no metadata for draft layers and vice versa."""
+    target, draft = [], []
+    for g in groups:
+        mine = [n for n in g.layer_names if n in draft_layers]
+        theirs = [n for n in g.layer_names if n not in draft_layers]
+        if theirs:
+            target.append(g if not mine else dataclasses.replace(g, layer_names=theirs))
+        if mine:
+            draft.append(g if not theirs else dataclasses.replace(g, layer_names=mine))
+    return target, draft
+
+
+class VllmDraftModel:
+    """The draft on vLLM's layers. `attn_groups` and `cache_block_size` are set by the runner
+    once the KV cache exists. Its forward returns the block logits on the host, where the
+    draft's denoising policy runs."""
+
+    def __init__(self, vllm_config: VllmConfig, model_config: ModelConfig, device) -> None:
+        from vllm.compilation.backends import set_model_tag
+
+        # a shallow copy: the compilation config (static forward context) stays shared, so the
+        # draft's attention layers join the engine's KV-cache spec and cache binding
+        self.vllm_config = copy.copy(vllm_config)
+        self.vllm_config.model_config = model_config
+        before = set(get_layers_from_vllm_config(vllm_config, Attention))
+        with set_model_tag(DRAFT_PREFIX):
+            self.model = get_model(vllm_config=self.vllm_config, model_config=model_config, prefix=DRAFT_PREFIX)
+        self.layer_names = [n for n in get_layers_from_vllm_config(vllm_config, Attention) if n not in before]
+        if not self.layer_names:
+            raise RuntimeError("SimSD draft: loading it registered no attention layers")
+        self.device = torch.device(device)
+        self.attn_groups: list = []
+        self.cache_block_size = 0
 
     @torch.no_grad()
-    def forward(self, tokens: list[torch.Tensor], first_pos: list[int], ctx_len: list[int],
-                num_store: list[int], block_tables: list[torch.Tensor], block_length: int
-                ) -> torch.Tensor:
+    def forward(self, tokens: list[torch.Tensor], first_pos: torch.Tensor, block_tables: torch.Tensor,
+                block_length: int) -> torch.Tensor:
         """One batched forward. Request r: query tokens[r] (its uncommitted tokens, then its
-        block) at positions first_pos[r] + i, block-causal among themselves, every cached
-        position < ctx_len[r] visible; the KV of its first num_store[r] query tokens is written
-        to the cache. Returns the logits of every request's block, its last block_length query
-        tokens: [R, block_length, V] (float32)."""
-        cfg = self.model.config
+        block) at positions first_pos[r] + i, block-causal (the backend's split) over its cached
+        positions < first_pos[r] and itself; vLLM writes the query's KV through the slots. Returns
+        the logits of every request's block, its last block_length query tokens: [R, B, V] float32
+        on the host."""
         R, B = len(tokens), block_length
         n = torch.tensor([t.numel() for t in tokens])  # [R]
-        T = int(n.max())
-        C = max(1, max(ctx_len))
-        ids = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)  # [R, T]
-        pos = torch.tensor(first_pos)[:, None] + torch.arange(T)  # [R, T]
-        tables = torch.stack(block_tables).long()  # [R, max_blocks]
-        qvalid = torch.arange(T)[None, :] < n[:, None]  # [R, T]
-        ctx_pos = torch.arange(C).expand(R, C)  # [R, C]
-        cvalid = ctx_pos < torch.tensor(ctx_len)[:, None]
-        ctx_slots = cache_slots(tables, ctx_pos, self.cbs)  # [R, C] (invalid ones masked below)
-        blocks = pos // B  # [R, T]
-        qmask = (blocks[:, None, :] <= blocks[:, :, None]) & qvalid[:, None, :]  # [R, T, T]
-        qmask |= torch.eye(T, dtype=torch.bool)[None]  # padded rows see themselves (no NaN)
-        mask = torch.cat([cvalid[:, None, :].expand(R, T, C), qmask], dim=2)[:, None]  # [R, 1, T, C + T]
-        srow, scol = (torch.arange(T)[None, :] < torch.tensor(num_store)[:, None]).nonzero(as_tuple=True)
-        sslot = cache_slots(tables[srow], pos[srow, scol][:, None], self.cbs).squeeze(1)  # [S]
-        block_cols = n[:, None] - B + torch.arange(B)  # [R, B] the block's query columns
-        # the indices are built on the host (small); the forward runs on the draft's device
+        qsl = torch.zeros(R + 1, dtype=torch.int32)
+        qsl[1:] = n.cumsum(0)
+        T = int(qsl[-1])
+        req = torch.repeat_interleave(torch.arange(R), n)  # [T] token -> request
+        pos = first_pos[req] + torch.arange(T) - qsl[:-1].long()[req]  # [T]
+        seq_lens = (first_pos + n).to(torch.int32)  # [R]
+        slots = cache_slots(block_tables.long()[req], pos[:, None], self.cache_block_size).squeeze(1)  # [T]
         dev = self.device
-        ids, pos, mask, ctx_slots, block_cols = (t.to(dev) for t in (ids, pos, mask, ctx_slots, block_cols))
-        srow, scol, sslot = srow.to(dev), scol.to(dev), sslot.to(dev)
-
-        h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        x = self.model.model.embed_tokens(ids)  # [R, T, hidden]
-        cos, sin = rope_cos_sin(pos, d, cfg.rope_theta, x.dtype)
-        for i, layer in enumerate(self.model.model.layers):
-            attn = layer.self_attn
-            y = layer.input_layernorm(x)
-            q = attn.q_norm(attn.q_proj(y).view(R, T, h, d)).transpose(1, 2)  # [R, h, T, d]
-            k = attn.k_norm(attn.k_proj(y).view(R, T, kvh, d)).transpose(1, 2)  # [R, kvh, T, d]
-            v = attn.v_proj(y).view(R, T, kvh, d).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            past_k = self.k[i][ctx_slots].transpose(1, 2)  # [R, kvh, C, d]
-            past_v = self.v[i][ctx_slots].transpose(1, 2)
-            if srow.numel():
-                self.k[i][sslot] = k.transpose(1, 2)[srow, scol]
-                self.v[i][sslot] = v.transpose(1, 2)[srow, scol]
-            out = F.scaled_dot_product_attention(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2),
-                                                 attn_mask=mask, enable_gqa=True)  # [R, h, T, d]
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(R, T, h * d))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = x.gather(1, block_cols[..., None].expand(R, B, x.shape[-1]))  # [R, B, hidden]
-        return self.model.lm_head(self.model.model.norm(x)).float().cpu()  # [R, B, V]
+        slots_dev, pos_dev = slots.to(dev), pos.to(dev)
+        common = CommonAttentionMetadata(
+            query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq_lens.to(dev), num_reqs=R,
+            num_actual_tokens=T, max_query_len=int(n.max()), max_seq_len=int(seq_lens.max()),
+            block_table_tensor=block_tables.to(dev, torch.int32), slot_mapping=slots_dev,
+            seq_lens_cpu_upper_bound=seq_lens, positions=pos_dev)
+        metadata = {}
+        for group in self.attn_groups:
+            built = group.metadata_builders[0].build(common_prefix_len=0, common_attn_metadata=common)
+            metadata.update(dict.fromkeys(group.layer_names, built))
+        with set_forward_context(metadata, self.vllm_config, num_tokens=T,
+                                 slot_mapping=dict.fromkeys(self.layer_names, slots_dev)):
+            hidden = self.model(input_ids=torch.cat(tokens).to(dev), positions=pos_dev)  # [T, hidden]
+        rows = (qsl[1:, None].long() - B + torch.arange(B)).flatten()  # [R * B] every block's rows
+        logits = self.model.compute_logits(hidden[rows.to(dev)])  # [R * B, V]
+        return logits.float().cpu().view(R, B, -1)
 
 
 @dataclass
@@ -123,7 +149,7 @@ class DraftJob:
     block_probs: torch.Tensor | None = None
 
 
-def draft_round(draft: PagedDraftModel, jobs: list[DraftJob], mask_id: int) -> None:
+def draft_round(draft: VllmDraftModel, jobs: list[DraftJob], mask_id: int) -> None:
     """Batched twin of `reference.simsd.draft_round` for every job; updates job.draft_len to the
     draft cache length after the round (before the verification's truncation)."""
     if not jobs:
@@ -138,16 +164,12 @@ def draft_round(draft: PagedDraftModel, jobs: list[DraftJob], mask_id: int) -> N
         j.unmasked_at = torch.full((B,), -1, dtype=torch.long)
         j.step, j.k, j.forwards, j.block_probs = 0, 0, 0, None
         j.out_tokens, j.out_labels, j.out_probs = [], [], []
-        j._block_start = block_start
     active = list(jobs)
     while active:
-        starts = [j._block_start + j.k * B for j in active]
         logits = draft.forward(
             [torch.cat([j.uncommitted, j.block]) for j in active],
-            [s - j.uncommitted.numel() for s, j in zip(starts, active)],
-            [j.draft_len for j in active],
-            [j.uncommitted.numel() for j in active],
-            [j.block_table for j in active],
+            torch.tensor([j.draft_len for j in active]),  # the uncommitted tokens start there
+            torch.stack([j.block_table for j in active]),
             B,
         )
         R = len(active)

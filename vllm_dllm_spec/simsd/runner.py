@@ -3,8 +3,9 @@ runner (`SimSDModelRunner`) and a GPU one (`SimSDGPUModelRunner`; see vllm_dllm_
 
 One engine step of a SimSD request = one SimSD round (reference `reference.simsd`):
 1. `_update_states` (after vLLM's bookkeeping): the DRAFT runs its block diffusion for every
-   scheduled request at once (`draft.draft_round`, batched draft forwards on the draft's own
-   paged KV cache, same block tables as the target) and writes the verify region
+   scheduled request at once (`draft.draft_round`: batched forwards of the draft loaded as a
+   vLLM model, `draft.VllmDraftModel`, its layers' KV in the target's KV-cache group under the
+   same block tables) and writes the verify region
    `[data_0 | copies_0 | data_1 | ...]` (minus the already-known tokens, which are real tokens)
    over the placeholder spec tokens the scheduler reserved.
 2. `_prepare_inputs`: vLLM builds positions / slots; we then give the mask copies their data
@@ -32,7 +33,13 @@ from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
 from vllm_dllm_spec.reference.generate import exclude_mask_token
 from vllm_dllm_spec.reference.simsd import sampling_probs
 from vllm_dllm_spec import region as region_attention
-from vllm_dllm_spec.simsd.draft import DraftJob, PagedDraftModel, draft_round
+from vllm_dllm_spec.simsd.draft import (
+    DraftJob,
+    VllmDraftModel,
+    draft_model_config,
+    draft_round,
+    split_draft_groups,
+)
 from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker
 
 # per-request keys that may override the engine option for one request (the draft's diffusion)
@@ -74,7 +81,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
         self.model_block = int(hf.block_size)
         self.engine_options = dict((vllm_config.additional_config or {}).get("dllm_spec") or {})
         self.simsd_states: dict[str, SimSDState] = {}
-        self.draft: PagedDraftModel | None = None
+        self.draft: VllmDraftModel | None = None
         self._rounds: dict[str, RoundInfo] = {}
         self._next_drafts: list[list[int]] = []
         self._step_records: dict[str, tuple[int, int, int]] = {}
@@ -83,15 +90,24 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         region_attention.install_region_attention(self.model)
-        from vllm_dllm_spec.reference.model import SDARModel
-
         path = self.engine_options.get("draft_model") or self.model_config.model
-        self._draft_weights = SDARModel.from_pretrained(path, dtype=self.model_config.dtype)
+        self.draft = VllmDraftModel(self.vllm_config, draft_model_config(self.model_config, path), self.device)
+
+    def initialize_metadata_builders(self, kv_cache_config, kernel_block_sizes) -> None:
+        super().initialize_metadata_builders(kv_cache_config, kernel_block_sizes)
+        if len(self.attn_groups) != 1:
+            raise RuntimeError(
+                f"SimSD: the draft shares the target's one KV-cache group (its positions and block "
+                f"tables), got {len(self.attn_groups)} groups")
+        self.attn_groups[0], self.draft.attn_groups = split_draft_groups(
+            self.attn_groups[0], set(self.draft.layer_names))
+        # vLLM binds the KV cache of the drafter's groups too (initialize_kv_cache_tensors)
+        self.drafter.draft_attn_groups = self.draft.attn_groups
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        self.draft = PagedDraftModel(
-            self._draft_weights, int(kv_cache_config.num_blocks), int(self.cache_config.block_size), self.device)
+        # the block tables address blocks of this size (kernel blocks where they differ)
+        self.draft.cache_block_size = int(self.input_batch.block_table[0].block_size)
 
     # -- per-request state -------------------------------------------------------------------
     def state_for(self, req_id: str) -> SimSDState:
