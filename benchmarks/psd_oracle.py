@@ -8,9 +8,11 @@ Pareto plot (tokens/forward against copies/token) lies next to the JSON.
 
     python benchmarks/psd_oracle.py [--preset smoke|default] [--model DIR] [--out FILE.json]
 
-Spiffy's graphs: the one shipped next to the bundled target for its default knobs (dynamic
-0.85), else calibrated here (`tools.calibrate_graph.calibrate`, same code as the CLI) on the
-held-out windows AFTER the ones measured here: calibration and measurement never share a prompt.
+Spiffy's graphs: the `draft_graph_b{B}.json` next to the model's weights when it was calibrated
+for the panel's knobs (the bundled target ships dynamic 0.85 at B 4 and 8; for another model, put
+`tools.calibrate_graph` outputs there), else calibrated here (`tools.calibrate_graph.calibrate`,
+same code as the CLI) on the held-out windows AFTER the ones measured here: calibration and
+measurement never share a prompt.
 Oracle runs (pure PyTorch, one prompt at a time): forward counts are the methods', not a
 throughput (the vLLM methods equal these oracles; tokens/s: benchmarks/throughput.py).
 """
@@ -33,18 +35,23 @@ PRESETS = {
 BARS = [(8, 4, 1.06, None, True), (8, 6, 1.10, 1.62, False), (4, 6, None, 1.46, False)]
 
 
-def graph_for(model_dir: str, block_length: int, strategy: str, prompts: list, gen_length: int):
-    from vllm_dllm_spec import bundled_model_path
-    from vllm_dllm_spec.reference.spiffy import load_graph
+def graph_for(model_dir: str, config, block_length: int, strategy: str, prompts: list, gen_length: int):
+    """The graph next to the model's weights (`draft_graph_b{B}.json`, e.g. the bundled target's
+    defaults or a `tools.calibrate_graph` output put there) when it was calibrated for this run's
+    knobs; else one calibrated here on `prompts`."""
+    from dataclasses import asdict
+
+    from vllm_dllm_spec.reference.generate import block_params
+    from vllm_dllm_spec.reference.spiffy import default_graph_path, load_graph
     from vllm_dllm_spec.tools.calibrate_graph import calibrate
 
     budget = 8
-    try:
-        shipped = Path(model_dir).resolve() == Path(bundled_model_path("target")).resolve()
-    except FileNotFoundError:
-        shipped = False
-    if shipped and strategy == "low_confidence_dynamic":
-        return load_graph("default", block_length), "shipped default"
+    knobs = asdict(block_params(config, block_length, None, strategy, 0.85, 0.35))
+    path = default_graph_path(block_length, model_dir)
+    if path.is_file():
+        graph = load_graph(str(path), block_length)
+        if graph.meta.get("knobs") == knobs:  # a graph for other knobs would measure the wrong thing
+            return graph, f"{path.name} next to the weights ({graph.meta.get('calibration', {}).get('prompts')})"
     return calibrate(model_dir, block_length=block_length, remasking_strategy=strategy, budget=budget,
                      prompts=prompts, gen_length=gen_length), f"calibrated on {len(prompts)} other prompts"
 
@@ -124,7 +131,7 @@ def main(argv=None) -> list[dict]:
             outs = [psd_generate(model, p, draft_depth=knob, **knobs) for p in prompts]
         else:
             if (B, strategy) not in graphs:
-                graphs[B, strategy] = graph_for(model_dir, B, strategy, calibration, n)
+                graphs[B, strategy] = graph_for(model_dir, model.config, B, strategy, calibration, n)
             graph = graphs[B, strategy][0]
             outs = [spiffy_generate(model, p, graph=graph, graph_budget=knob, **knobs) for p in prompts]
         tokens = sum(len(o.tokens) for o in outs)

@@ -190,3 +190,27 @@ def test_quality_smoke(tiny_ckpt, tiny_tied_ckpt, tmp_path):
         assert 0.0 <= r["edit_similarity"] <= 1.0 and 0.0 <= r["first_line_exact"] <= 1.0
         assert r["tokens_per_forward"] >= 1.0
     assert "psd: sim" in summary
+
+
+def test_psd_oracle_graph_next_to_weights(tiny_ckpt, tmp_path):
+    """A draft_graph_b{B}.json beside the weights is measured when its knobs are the panel's (so a
+    calibrate_graph output can be benchmarked on any model); for other knobs one is calibrated."""
+    import shutil
+
+    sys.path.insert(0, str(BENCH))
+    from psd_oracle import graph_for
+
+    from vllm_dllm_spec.reference import SDARModel
+    from vllm_dllm_spec.reference.spiffy import DraftGraph
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_ckpt, model_dir)
+    config = SDARModel.from_pretrained(model_dir).config
+    knobs = {"block_length": 4, "denoising_steps": 4, "remasking_strategy": "low_confidence_dynamic",
+             "confidence_threshold": 0.85, "eb_threshold": 0.35}
+    DraftGraph((((2, 1),),), 4, {"knobs": knobs}).to_json(model_dir / "draft_graph_b4.json")
+    graph, source = graph_for(str(model_dir), config, 4, "low_confidence_dynamic", [[5, 6, 7]], 8)
+    assert graph.nodes == (((2, 1),),) and "next to the weights" in source
+    graph, source = graph_for(str(model_dir), config, 4, "low_confidence_static", [[5, 6, 7]], 8)
+    assert "calibrated on 1 other prompts" in source
+    assert graph.meta["knobs"]["remasking_strategy"] == "low_confidence_static"
