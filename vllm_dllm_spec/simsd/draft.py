@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from vllm.config import ModelConfig, VllmConfig
@@ -87,15 +87,14 @@ class VllmDraftModel:
         self.cache_block_size = 0
 
     @torch.no_grad()
-    def forward(self, tokens: list[torch.Tensor], first_pos: torch.Tensor, block_tables: torch.Tensor,
-                block_length: int) -> torch.Tensor:
-        """One batched forward. Request r: query tokens[r] (its uncommitted tokens, then its
-        block) at positions first_pos[r] + i, block-causal (the backend's split) over its cached
-        positions < first_pos[r] and itself; vLLM writes the query's KV through the slots. Returns
-        the logits of every request's block, its last block_length query tokens: [R, B, V] float32
-        on the host."""
-        R, B = len(tokens), block_length
-        n = torch.tensor([t.numel() for t in tokens])  # [R]
+    def forward(self, ids: torch.Tensor, query_lens: torch.Tensor, first_pos: torch.Tensor,
+                block_tables: torch.Tensor, block_length: int) -> torch.Tensor:
+        """One batched forward. Request r's query: query_lens[r] tokens of `ids` (flat [T]; its
+        uncommitted tokens, then its block) at positions first_pos[r] + i, block-causal (the
+        backend's split) over its cached positions < first_pos[r] and itself; vLLM writes the
+        query's KV through the slots. Returns the logits of every request's block, its last
+        block_length query tokens: [R, B, V] float32 on the host."""
+        R, B, n = query_lens.numel(), block_length, query_lens
         qsl = torch.zeros(R + 1, dtype=torch.int32)
         qsl[1:] = n.cumsum(0)
         T = int(qsl[-1])
@@ -116,7 +115,7 @@ class VllmDraftModel:
             metadata.update(dict.fromkeys(group.layer_names, built))
         with set_forward_context(metadata, self.vllm_config, num_tokens=T,
                                  slot_mapping=dict.fromkeys(self.layer_names, slots_dev)):
-            hidden = self.model(input_ids=torch.cat(tokens).to(dev), positions=pos_dev)  # [T, hidden]
+            hidden = self.model(input_ids=ids.to(dev), positions=pos_dev)  # [T, hidden]
         rows = (qsl[1:, None].long() - B + torch.arange(B)).flatten()  # [R * B] every block's rows
         logits = self.model.compute_logits(hidden[rows.to(dev)])  # [R * B, V]
         return logits.float().cpu().view(R, B, -1)
@@ -135,108 +134,104 @@ class DraftJob:
     # outputs
     tokens: torch.Tensor | None = None  # [K * B]
     labels: torch.Tensor | None = None  # [K * B]: 0 known, s + 1 unmasked at draft step s
-    probs: torch.Tensor | None = None  # [K * B, V] the draft's distributions (MRS)
+    probs: torch.Tensor | None = None  # [K * B, V] the draft's distributions (MRS; None: greedy)
     forwards: int = 0
-    # loop state
-    k: int = 0
-    block: torch.Tensor | None = None
-    unmasked_at: torch.Tensor | None = None
-    step: int = 0
-    uncommitted: torch.Tensor | None = None
-    out_tokens: list = field(default_factory=list)
-    out_labels: list = field(default_factory=list)
-    out_probs: list = field(default_factory=list)
-    block_probs: torch.Tensor | None = None
 
 
 def draft_round(draft: VllmDraftModel, jobs: list[DraftJob], mask_id: int) -> None:
-    """Batched twin of `reference.simsd.draft_round` for every job; updates job.draft_len to the
-    draft cache length after the round (before the verification's truncation)."""
+    """Batched twin of `reference.simsd.draft_round` for every job; sets the outputs and
+    job.draft_len to the draft cache length after the round (before the verification's
+    truncation). Per-request state lives in tensors over the jobs; only sampled requests' draws
+    (each on its own generator, in the reference's order) loop per request."""
     if not jobs:
         return
-    B = jobs[0].params.draft.block_length
-    for j in jobs:
-        block_start = j.seq.numel() // B * B
-        j.uncommitted = j.seq[j.draft_len:block_start]
-        j.block = torch.full((B,), mask_id, dtype=torch.long)
-        known = j.seq[block_start:]
-        j.block[: known.numel()] = known
-        j.unmasked_at = torch.full((B,), -1, dtype=torch.long)
-        j.step, j.k, j.forwards, j.block_probs = 0, 0, 0, None
-        j.out_tokens, j.out_labels, j.out_probs = [], [], []
-    active = list(jobs)
-    while active:
-        logits = draft.forward(
-            [torch.cat([j.uncommitted, j.block]) for j in active],
-            torch.tensor([j.draft_len for j in active]),  # the uncommitted tokens start there
-            torch.stack([j.block_table for j in active]),
-            B,
-        )
-        R = len(active)
-        block_logits = exclude_mask_token(logits, mask_id)  # [R, B, V]
-        V = block_logits.shape[-1]
-        token = torch.zeros(R, B, dtype=torch.long)
-        conf = torch.zeros(R, B)
-        ent = torch.zeros(R, B)
-        probs_rows: list[torch.Tensor | None] = [None] * R
-        greedy = [j.knobs.temperature == 0.0 for j in active]
-        gi = [r for r in range(R) if greedy[r]]
-        if gi:
-            t, c, e = predict_greedy(block_logits[gi].reshape(-1, V))
-            token[gi], conf[gi], ent[gi] = t.view(-1, B), c.view(-1, B), e.view(-1, B)
-        for r in range(R):
-            if not greedy[r]:  # the reference's predict on the whole block (same random stream)
-                t, c, e, p = predict(block_logits[r], active[r].knobs, active[r].generator)
-                token[r], conf[r], ent[r], probs_rows[r] = t, c, e, p
-        blocks = torch.stack([j.block for j in active])  # [R, B]
-        is_mask = blocks == mask_id
-        transfer = []
-        for j in active:
-            counts = j.params.draft.num_transfer_tokens()
-            transfer.append(counts[j.step] if j.step < len(counts) else 1)
-        k_t = torch.minimum(torch.tensor(transfer), is_mask.sum(1))
-        chosen = select_to_unmask(
-            torch.tensor([REMASKING_STRATEGIES.index(j.params.draft.remasking_strategy) for j in active]),
-            k_t,
-            torch.tensor([j.params.draft.confidence_threshold for j in active], dtype=torch.float32),
-            torch.tensor([j.params.draft.eb_threshold for j in active], dtype=torch.float32),
-            is_mask, conf, ent,
-        )
-        new_blocks = torch.where(chosen, token, blocks)
-        still = []
-        for r, j in enumerate(active):
-            j.forwards += 1
-            j.draft_len += j.uncommitted.numel()
-            j.uncommitted = j.uncommitted[:0]
-            j.block = new_blocks[r]
-            j.unmasked_at = torch.where(chosen[r], j.step, j.unmasked_at)
-            if not greedy[r]:
-                if j.block_probs is None:
-                    j.block_probs = torch.zeros_like(probs_rows[r])
-                j.block_probs[chosen[r]] = probs_rows[r][chosen[r]]
-            j.step += 1
-            if bool((j.block == mask_id).any()):
-                still.append(j)
-                continue
-            # block k finished
-            j.out_tokens.append(j.block)
-            j.out_labels.append(j.unmasked_at + 1)
-            if greedy[r]:
-                j.out_probs.append(None)
-            else:
-                j.out_probs.append(j.block_probs)
-            j.k += 1
-            if j.k < j.params.num_draft_blocks:
-                j.uncommitted = j.block  # committed by the next draft block's first forward
-                j.block = torch.full((B,), mask_id, dtype=torch.long)
-                j.unmasked_at = torch.full((B,), -1, dtype=torch.long)
-                j.step, j.block_probs = 0, None
-                still.append(j)
-            else:
-                j.tokens = torch.cat(j.out_tokens)
-                j.labels = torch.cat(j.out_labels)
-                if greedy[r]:
-                    j.probs = None  # one-hot of the tokens; built on demand
-                else:
-                    j.probs = torch.cat(j.out_probs)
-        active = still
+    R, B = len(jobs), jobs[0].params.draft.block_length
+    num_blocks = torch.tensor([j.params.num_draft_blocks for j in jobs])  # [R]
+    strategy = torch.tensor([REMASKING_STRATEGIES.index(j.params.draft.remasking_strategy) for j in jobs])
+    threshold = torch.tensor([j.params.draft.confidence_threshold for j in jobs], dtype=torch.float32)
+    eb_threshold = torch.tensor([j.params.draft.eb_threshold for j in jobs], dtype=torch.float32)
+    schedules = [j.params.draft.num_transfer_tokens() for j in jobs]
+    transfer = torch.ones(R, max(map(len, schedules)) + 1, dtype=torch.long)  # [R, S + 1]: 1 past the schedule
+    for r, counts in enumerate(schedules):
+        transfer[r, : len(counts)] = torch.as_tensor(counts)
+    sampled = [r for r, j in enumerate(jobs) if j.knobs.temperature != 0.0]
+    greedy = torch.tensor([j.knobs.temperature == 0.0 for j in jobs])  # [R]
+    need_entropy = bool((greedy & (strategy == REMASKING_STRATEGIES.index("entropy_bounded"))).any())
+    tables = torch.stack([j.block_table for j in jobs])  # [R, max_blocks]
+
+    num_tokens = torch.tensor([j.seq.numel() for j in jobs])  # [R]
+    block_start = num_tokens // B * B
+    draft_len = torch.tensor([j.draft_len for j in jobs])  # [R]
+    blocks = torch.full((R, B), mask_id, dtype=torch.long)  # [R, B] the block being denoised
+    for r, j in enumerate(jobs):
+        known = j.seq[int(block_start[r]):]
+        blocks[r, : known.numel()] = known
+    unmasked_at = torch.full((R, B), -1, dtype=torch.long)  # [R, B] draft step that unmasked a column
+    step = torch.zeros(R, dtype=torch.long)
+    k = torch.zeros(R, dtype=torch.long)  # the draft block being denoised
+    forwards = torch.zeros(R, dtype=torch.long)
+    prev_block = torch.zeros(R, B, dtype=torch.long)  # [R, B] finished, uncommitted draft block
+    has_prev = torch.zeros(R, dtype=torch.bool)
+    out_tokens = torch.zeros(R, int(num_blocks.max()), B, dtype=torch.long)  # [R, K, B]
+    out_labels = torch.zeros(R, int(num_blocks.max()), B, dtype=torch.long)
+    block_probs: dict[int, torch.Tensor] = {}  # sampled request -> [B, V] of the current block
+    out_probs: dict[int, list[torch.Tensor]] = {r: [] for r in sampled}
+    active = torch.ones(R, dtype=torch.bool)
+    first = True
+    while bool(active.any()):
+        idx = active.nonzero().squeeze(1)  # [A]
+        if first:  # the requests' uncommitted prefixes (ragged) before their blocks
+            ids = torch.cat([t for r, j in enumerate(jobs)
+                             for t in (j.seq[int(draft_len[r]): int(block_start[r])], blocks[r])])
+            query_lens = block_start - draft_len + B
+        else:  # then at most the previous draft block before the block
+            rows = torch.cat([prev_block[idx], blocks[idx]], dim=1)  # [A, 2B]
+            valid = torch.cat([has_prev[idx, None].expand(-1, B), torch.ones(len(idx), B, dtype=torch.bool)], 1)
+            ids = rows[valid]
+            query_lens = B + B * has_prev[idx].long()
+        logits = draft.forward(ids, query_lens, draft_len[idx], tables[idx], B)
+        block_logits = exclude_mask_token(logits, mask_id)  # [A, B, V]
+        A, V = len(idx), block_logits.shape[-1]
+        token = torch.zeros(A, B, dtype=torch.long)
+        conf = torch.zeros(A, B)
+        ent = torch.zeros(A, B)
+        g = greedy[idx]  # [A]
+        if bool(g.any()):
+            t, c, e = predict_greedy(block_logits[g].reshape(-1, V), need_entropy)
+            token[g], conf[g], ent[g] = t.view(-1, B), c.view(-1, B), e.view(-1, B)
+        draws = {}
+        for a in (~g).nonzero().squeeze(1).tolist():  # the reference's predict per block (its random stream)
+            r = int(idx[a])
+            token[a], conf[a], ent[a], draws[r] = predict(block_logits[a], jobs[r].knobs, jobs[r].generator)
+        current = blocks[idx]
+        is_mask = current == mask_id  # [A, B]
+        k_t = torch.minimum(transfer[idx, step[idx].clamp(max=transfer.shape[1] - 1)], is_mask.sum(1))
+        chosen = select_to_unmask(strategy[idx], k_t, threshold[idx], eb_threshold[idx], is_mask, conf, ent)
+        blocks[idx] = torch.where(chosen, token, current)
+        unmasked_at[idx] = torch.where(chosen, step[idx, None], unmasked_at[idx])
+        for a, r in ((a, int(idx[a])) for a in (~g).nonzero().squeeze(1).tolist()):
+            probs = block_probs.setdefault(r, torch.zeros_like(draws[r]))
+            probs[chosen[a]] = draws[r][chosen[a]]
+        forwards[idx] += 1
+        draft_len[idx] += query_lens - B  # the uncommitted tokens' KV is now in the cache
+        has_prev[idx] = False
+        step[idx] += 1
+        first = False
+        done = idx[~(blocks[idx] == mask_id).any(1)]  # requests whose block k finished
+        if not len(done):
+            continue
+        out_tokens[done, k[done]] = blocks[done]
+        out_labels[done, k[done]] = unmasked_at[done] + 1  # known tokens: -1 + 1 = 0
+        for r in done.tolist():
+            if r in out_probs:
+                out_probs[r].append(block_probs.pop(r))
+        k[done] += 1
+        more = done[k[done] < num_blocks[done]]  # the finished block is committed by the next one's first forward
+        prev_block[more], has_prev[more] = blocks[more], True
+        blocks[more], unmasked_at[more], step[more] = mask_id, -1, 0
+        active[done[k[done] >= num_blocks[done]]] = False
+    for r, j in enumerate(jobs):
+        K = int(num_blocks[r])
+        j.tokens, j.labels = out_tokens[r, :K].flatten(), out_labels[r, :K].flatten()
+        j.probs = torch.cat(out_probs[r]) if r in out_probs else None  # greedy: one-hot, built on demand
+        j.forwards, j.draft_len = int(forwards[r]), int(draft_len[r])
