@@ -105,6 +105,10 @@ def test_report_renders_from_json_only(tmp_path):
     text = readme.read_text()
     assert text.count("## Performance") == 1 and "| 4 | 8 | ar | 123 | 1.00 | 16.0 | 0.00 | - |" in text
     assert "TestCPU" in text
+    # a run without the throughput JSON keeps its subsection as it was
+    (results / "throughput.json").unlink()
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert readme.read_text() == text
 
 
 @pytest.mark.slow
