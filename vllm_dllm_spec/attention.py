@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, subclass_attention_backend
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -61,13 +62,24 @@ def segments_from_lens(
     seq_lens_cpu: torch.Tensor,  # [num_reqs] int32: computed + scheduled tokens
     block_length: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`block_causal_segments` with the positions derived on the host: a request's query is its
-    last qlen tokens, so token i of request r sits at seq_lens[r] - qlen[r] + i."""
-    qsl = query_start_loc_cpu.long()
+    """`block_causal_segments` from per-request lengths: request r's query is its last qlen[r]
+    positions [seq_lens[r] - qlen[r], seq_lens[r]), so its segments are the SDAR blocks that range
+    touches, clipped to it. Computed per segment in numpy (no per-token arrays, no torch op
+    dispatch: it runs every step on the host)."""
+    B = block_length
+    qsl = query_start_loc_cpu.numpy().astype(np.int64)  # [R + 1]
+    seq = seq_lens_cpu.numpy().astype(np.int64)  # [R]
     qlen = qsl[1:] - qsl[:-1]  # [R]
-    req = torch.repeat_interleave(torch.arange(qlen.shape[0]), qlen)  # [T] token -> request
-    positions = (seq_lens_cpu.long() - qlen)[req] + torch.arange(int(qsl[-1])) - qsl[:-1][req]  # [T]
-    return block_causal_segments(query_start_loc_cpu, positions, block_length)
+    first = seq - qlen  # [R] position of each request's first query token
+    first_block = first // B
+    n = np.where(qlen > 0, (seq - 1) // B - first_block + 1, 0)  # [R] segments per request
+    parent = np.repeat(np.arange(len(qlen)), n)  # [S]
+    block = first_block[parent] + np.arange(len(parent)) - (np.cumsum(n) - n)[parent]  # [S]
+    seg_first = np.maximum(block * B, first[parent])  # [S] position of the segment's first token
+    seg_lens = np.minimum((block + 1) * B, seq[parent])  # [S] its last position + 1
+    seg_qsl = np.append(qsl[:-1][parent] + seg_first - first[parent], qsl[-1])  # [S + 1]
+    return (torch.from_numpy(seg_qsl.astype(np.int32)), torch.from_numpy(seg_lens.astype(np.int32)),
+            torch.from_numpy(parent))
 
 
 def split_common_metadata(cm, block_length: int):
@@ -85,8 +97,8 @@ def split_common_metadata(cm, block_length: int):
         seq_lens=seg_lens.to(dev, non_blocking=True),
         seq_lens_cpu_upper_bound=seg_lens,
         num_reqs=int(seg_lens.shape[0]),
-        max_query_len=int((seg_qsl[1:] - seg_qsl[:-1]).max()),
-        max_seq_len=int(seg_lens.max()),
+        max_query_len=int(np.diff(seg_qsl.numpy()).max()),
+        max_seq_len=int(seg_lens.numpy().max()),
         block_table_tensor=cm.block_table_tensor.index_select(0, parent.to(dev, non_blocking=True)),  # [S, max_blocks]
         causal=False,
         is_prefilling=None,

@@ -19,7 +19,7 @@ proposer hands the resulting drafts to the scheduler through `propose()`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from vllm_dllm_spec.logprobs import gather, requested
 from vllm_dllm_spec.reference.generate import filter_top_k_top_p
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so vLLM's log config applies
-SEQUENTIAL, STATIC, DYNAMIC, ENTROPY = (REMASKING_STRATEGIES.index(s) for s in REMASKING_STRATEGIES)
+ALL_STRATEGIES = tuple(range(len(REMASKING_STRATEGIES)))  # strategy codes: index in REMASKING_STRATEGIES
+SEQUENTIAL, STATIC, DYNAMIC, ENTROPY = ALL_STRATEGIES
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: "no token" in a SamplerOutput row
 
 # Per-request keys of SamplingParams.extra_args (server: vllm_xargs) that override the engine's
@@ -99,30 +100,46 @@ def select_to_unmask(
     is_mask: torch.Tensor,  # [R, W] bool (padding columns False)
     confidence: torch.Tensor,  # [R, W] float32
     entropy: torch.Tensor,  # [R, W] float32
+    present: Collection[int] = ALL_STRATEGIES,  # the codes in `strategy` (a caller that knows them)
 ) -> torch.Tensor:  # [R, W] bool, a non-empty subset of is_mask for every row with a mask
-    """Batched twin of `reference.generate.select_to_unmask` (same stable tie-breaking)."""
+    """Batched twin of `reference.generate.select_to_unmask` (same stable tie-breaking). Only the
+    rules of the strategies in `present` are evaluated: a row only ever reads its own rule's."""
     R, W = is_mask.shape
-    cols = torch.arange(W).expand(R, W)  # [R, W]
-    # rank of every column in "most confident first, lower position on ties" order
-    order = confidence.masked_fill(~is_mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
-    conf_rank = torch.empty_like(order).scatter_(1, order, cols)  # [R, W]
-    top_k = is_mask & (conf_rank < k[:, None])
-    seq_rank = is_mask.long().cumsum(1) - 1  # [R, W] rank among masks, left to right
-    leftmost_k = is_mask & (seq_rank < k[:, None])
-    confident = is_mask & (confidence > threshold[:, None])
-    dynamic = torch.where((confident.sum(1) >= k)[:, None], confident, top_k)
-    # entropy_bounded: longest low-entropy prefix with cumulative entropy <= eb, at least one
-    ent = entropy.masked_fill(~is_mask, float("inf"))
-    ent_order = ent.argsort(dim=1, stable=True)  # [R, W]
-    within = ent.gather(1, ent_order).cumsum(1) <= eb_threshold[:, None]
-    count = within.sum(1).clamp(min=1)  # [R]
-    ent_rank = torch.empty_like(ent_order).scatter_(1, ent_order, cols)
-    bounded = is_mask & (ent_rank < count[:, None])
-    s = strategy[:, None]
-    return torch.where(
-        s == SEQUENTIAL, leftmost_k,
-        torch.where(s == STATIC, top_k, torch.where(s == DYNAMIC, dynamic, bounded)),
-    )
+    rule: dict[int, torch.Tensor] = {}  # strategy code -> its selection [R, W]
+    if SEQUENTIAL in present:
+        seq_rank = is_mask.long().cumsum(1) - 1  # [R, W] rank among masks, left to right
+        rule[SEQUENTIAL] = is_mask & (seq_rank < k[:, None])
+    if STATIC in present or DYNAMIC in present:
+        # rank of every column in "most confident first, lower position on ties" order
+        order = confidence.masked_fill(~is_mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        conf_rank = torch.empty_like(order).scatter_(1, order, torch.arange(W).expand(R, W))  # [R, W]
+        top_k = is_mask & (conf_rank < k[:, None])
+        rule[STATIC] = top_k
+        if DYNAMIC in present:
+            confident = is_mask & (confidence > threshold[:, None])
+            rule[DYNAMIC] = torch.where((confident.sum(1) >= k)[:, None], confident, top_k)
+    if ENTROPY in present:
+        # entropy_bounded: longest low-entropy prefix with cumulative entropy <= eb, at least one
+        ent = entropy.masked_fill(~is_mask, float("inf"))
+        ent_order = ent.argsort(dim=1, stable=True)  # [R, W]
+        within = ent.gather(1, ent_order).cumsum(1) <= eb_threshold[:, None]
+        count = within.sum(1).clamp(min=1)  # [R]
+        ent_rank = torch.empty_like(ent_order).scatter_(1, ent_order, torch.arange(W).expand(R, W))
+        rule[ENTROPY] = is_mask & (ent_rank < count[:, None])
+    codes = [c for c in ALL_STRATEGIES if c in present]
+    chosen = rule[codes[-1]]
+    for c in codes[:-1]:  # one strategy in the batch: no select at all
+        chosen = torch.where(strategy[:, None] == c, rule[c], chosen)
+    return chosen
+
+
+def _draft_cells(nd: list[int], B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row [T], column [T]) of every flat draft row in its request's [B] block: a request's nd
+    drafts are the last nd columns."""
+    nd_np = np.array(nd)  # [R]
+    row = np.repeat(np.arange(len(nd)), nd_np)  # [T]
+    col = np.arange(row.shape[0]) - (np.cumsum(nd_np) - nd_np)[row] + (B - nd_np)[row]  # [T]
+    return torch.from_numpy(row), torch.from_numpy(col)
 
 
 @dataclass
@@ -204,9 +221,11 @@ class BlockDiffusionProposer:
         first_draft_pos: list[int],  # per request: position of its first draft token
         num_drafts: list[int],  # per request (0: a prompt chunk, nothing to denoise)
         draft_token_ids: torch.Tensor,  # [T = sum(num_drafts)] current block tokens (masks incl.)
-        draft_logits: torch.Tensor,  # [T, V] logits AT the draft positions (a copy: edited here)
+        mask_logits: torch.Tensor,  # [>= M, V] row i: logits AT the i-th draft that is a mask (edited here)
         generators: Mapping[int, torch.Generator],
     ) -> torch.Tensor:  # [num_reqs, block_length] finished tokens, PLACEHOLDER elsewhere
+        """One denoising step of every request with drafts. A step only unmasks masks, so only the
+        M mask drafts' logits are read (in draft order, the runner's `worker.DenoiseRunnerMixin`)."""
         B, mask_id = self.block_length, self.mask_token_id
         num_reqs = len(req_ids)
         out = torch.full((num_reqs, B), PLACEHOLDER, dtype=torch.int64)
@@ -218,100 +237,118 @@ class BlockDiffusionProposer:
             return out
         states = [self.state_for(req_ids[i], sampling_params[i]) for i in rows]
         R, T = len(rows), draft_token_ids.numel()
-        # the mask token is never a prediction (reference `exclude_mask_token`), in place on the
-        # runner's gathered copy
-        draft_logits[:, mask_id] = float("-inf")
-
-        # small per-request bookkeeping in numpy; the drafts are the last nd columns of their
-        # block (the leftover prompt tokens before them never change)
-        nd = np.array([num_drafts[i] for i in rows])  # [R]
-        starts = np.cumsum(nd) - nd  # [R] first flat index of each request
-        flat_row = np.repeat(np.arange(R), nd)  # [T]
-        flat_col = np.arange(T) - starts[flat_row] + (B - nd)[flat_row]  # [T]
-        fr, fc = torch.from_numpy(flat_row), torch.from_numpy(flat_col)
-        block = torch.full((R, B), -2, dtype=torch.int64)  # -2: a prompt column (not a mask)
-        block[fr, fc] = draft_token_ids.long().cpu()
-
-        greedy = np.array([st.knobs.temperature == 0.0 for st in states])  # [R]
-        need_entropy = any(st.strategy == ENTROPY for st in states)
-        # the [T, V] reductions run on the logits' device (a GPU on CUDA); only the [T] results
-        # come to the host for the per-request bookkeeping
-        dev = draft_logits.device
-        if greedy.all():
-            token, conf, ent = (t.cpu() for t in predict_greedy(draft_logits, need_entropy))
+        # the drafts are the last nd columns of their block (the leftover prompt tokens before them
+        # never change); when every block is all drafts (the usual step) the flat drafts are [R, B]
+        nd = [num_drafts[i] for i in rows]  # [R]
+        if T == R * B:
+            block = draft_token_ids.long().cpu().view(R, B)
         else:
-            token = torch.zeros(T, dtype=torch.int64)
-            conf = torch.zeros(T, dtype=torch.float32)
-            ent = torch.zeros(T, dtype=torch.float32)
-            g_flat = torch.from_numpy(greedy[flat_row])  # [T]
-            if bool(g_flat.any()):
-                token[g_flat], conf[g_flat], ent[g_flat] = (
-                    t.cpu() for t in predict_greedy(draft_logits[g_flat.to(dev)], need_entropy))
-            for j, st in enumerate(states):  # sampled requests: one call each (per-request knobs)
-                if not greedy[j]:
-                    # sample all B rows of the block like the reference does (prompt columns get
-                    # a dummy row): a row's draw does not depend on the other rows, so a seeded
-                    # request consumes its generator exactly as the reference's loop
-                    d, sl = int(nd[j]), slice(int(starts[j]), int(starts[j] + nd[j]))
-                    rows_logits = draft_logits.new_zeros((B, draft_logits.shape[1]))  # [B, V]
-                    rows_logits[B - d:] = draft_logits[sl]
-                    t, c, e = predict_sampled(rows_logits, st.knobs, generators.get(rows[j]))
-                    token[sl], conf[sl], ent[sl] = t[B - d:].cpu(), c[B - d:].cpu(), e[B - d:].cpu()
-        tok2 = torch.zeros((R, B), dtype=torch.int64)  # [R, B]
-        conf2 = torch.zeros((R, B), dtype=torch.float32)
-        ent2 = torch.zeros((R, B), dtype=torch.float32)
-        tok2[fr, fc], conf2[fr, fc], ent2[fr, fc] = token, conf, ent
+            block = torch.full((R, B), -2, dtype=torch.int64)  # -2: a prompt column (not a mask)
+            block[_draft_cells(nd, B)] = draft_token_ids.long().cpu()
+        is_mask = block == mask_id  # [R, B]
+        masks = is_mask.sum(1)  # [R]
+        mask_logits = mask_logits[: int(masks.sum())]  # [M, V]
+        # the mask token is never a prediction (reference `exclude_mask_token`), in place on the
+        # runner's logits
+        mask_logits[:, mask_id] = float("-inf")
+
+        greedy = [st.knobs.temperature == 0.0 for st in states]  # [R]
+        need_entropy = any(st.strategy == ENTROPY for st in states)
+        if all(greedy):
+            # the [M, V] reductions run on the logits' device (a GPU on CUDA); only the [M]
+            # results come to the host for the per-request bookkeeping
+            token, conf, ent = (t.cpu() for t in predict_greedy(mask_logits, need_entropy))
+        else:
+            token, conf, ent = self._predict_mixed(states, rows, is_mask, greedy, mask_logits, generators,
+                                                   need_entropy)
+        # [R, B] each; the columns that are no mask are never chosen
+        tok2 = torch.zeros((R, B), dtype=torch.int64).masked_scatter_(is_mask, token)
+        conf2 = torch.zeros((R, B), dtype=torch.float32).masked_scatter_(is_mask, conf)
+        ent2 = torch.zeros((R, B), dtype=torch.float32).masked_scatter_(is_mask, ent)
 
         # per-request step bookkeeping (a new block starts when its position moves)
+        steps, transfer = [], []
         for j, st in enumerate(states):
             start = first_draft_pos[rows[j]] // B * B
             if start != st.block_start:
                 st.block_start, st.step, st.unmasked_at = start, 0, [-1] * B
                 st.block_logprobs = None
-        steps = [st.step for st in states]
-        is_mask = block == mask_id  # [R, B]
-        transfer = torch.tensor(
-            [st.transfer[s] if s < len(st.transfer) else 1 for st, s in zip(states, steps)])
-        k = torch.minimum(transfer, is_mask.sum(1))  # [R]
+            steps.append(st.step)
+            transfer.append(st.transfer[st.step] if st.step < len(st.transfer) else 1)
+        k = torch.minimum(torch.tensor(transfer), masks)  # [R]
         chosen = select_to_unmask(
             torch.tensor([st.strategy for st in states]), k,
             torch.tensor([st.params.confidence_threshold for st in states], dtype=torch.float32),
             torch.tensor([st.params.eb_threshold for st in states], dtype=torch.float32),
-            is_mask, conf2, ent2,
+            is_mask, conf2, ent2, present={st.strategy for st in states},
         )  # [R, B]
         new_block = torch.where(chosen, tok2, block)  # [R, B]
         if any(st.num_logprobs is not None for st in states):
-            self._keep_logprobs(states, chosen, draft_logits, token, fr, fc)
+            self._keep_logprobs(states, chosen, is_mask, mask_logits, token)
         done = ~(new_block == mask_id).any(1)  # [R]
         unmasked_at = torch.where(chosen, torch.tensor(steps)[:, None],
                                   torch.tensor([st.unmasked_at for st in states]))  # [R, B]
         # finished blocks -> outputs (draft columns only)
-        finished = done[:, None] & (block != -2)
-        out[torch.tensor(rows)] = torch.where(finished, new_block, PLACEHOLDER)
+        finished = torch.where(done[:, None] & (block != -2), new_block, PLACEHOLDER)  # [R, B]
+        if R == num_reqs:
+            out = finished
+        else:
+            out[rows] = finished
         new_list, ua_list, done_list = new_block.tolist(), unmasked_at.tolist(), done.tolist()
         for j, st in enumerate(states):
-            d = int(nd[j])
+            d, row = nd[j], rows[j]
             st.step += 1
             if done_list[j]:
-                self.finished_step_maps[req_ids[rows[j]]] = ua_list[j][B - d:]
+                self.finished_step_maps[req_ids[row]] = ua_list[j][B - d:]
                 if st.block_logprobs is not None:
-                    self.finished_logprobs[rows[j]] = tuple(t[B - d:] for t in st.block_logprobs)
-                self._drafts[rows[j]] = [mask_id] * B  # the next block starts fully masked
+                    self.finished_logprobs[row] = tuple(t[B - d:] for t in st.block_logprobs)
+                self._drafts[row] = [mask_id] * B  # the next block starts fully masked
             else:
                 st.unmasked_at = ua_list[j]
-                self._drafts[rows[j]] = new_list[j][B - d:]
+                self._drafts[row] = new_list[j][B - d:]
         return out
 
-    def _keep_logprobs(self, states: list[RequestState], chosen: torch.Tensor, draft_logits: torch.Tensor,
-                       token: torch.Tensor, fr: torch.Tensor, fc: torch.Tensor) -> None:
+    def _predict_mixed(self, states: list[RequestState], rows: list[int], is_mask: torch.Tensor,
+                       greedy: list[bool], mask_logits: torch.Tensor, generators: Mapping[int, torch.Generator],
+                       need_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """token, confidence, entropy [M] of a batch with sampled requests: the greedy requests'
+        rows in one call, each sampled request in its own (per-request knobs and generator)."""
+        B, M = self.block_length, mask_logits.shape[0]
+        masks = is_mask.sum(1).tolist()  # [R] mask rows per request
+        token = torch.zeros(M, dtype=torch.int64)
+        conf = torch.zeros(M, dtype=torch.float32)
+        ent = torch.zeros(M, dtype=torch.float32)
+        g_rows = torch.from_numpy(np.repeat(greedy, masks))  # [M]
+        if bool(g_rows.any()):
+            token[g_rows], conf[g_rows], ent[g_rows] = (
+                t.cpu() for t in predict_greedy(mask_logits[g_rows.to(mask_logits.device)], need_entropy))
+        start = 0
+        for j, st in enumerate(states):
+            sl = slice(start, start + masks[j])
+            start += masks[j]
+            if greedy[j]:
+                continue
+            # sample all B rows of the block like the reference does (the columns that are no
+            # mask get a dummy row): a row's draw does not depend on the other rows, so a seeded
+            # request consumes its generator exactly as the reference's loop
+            cols = is_mask[j].to(mask_logits.device)  # [B]
+            rows_logits = mask_logits.new_zeros((B, mask_logits.shape[1]))  # [B, V]
+            rows_logits[cols] = mask_logits[sl]
+            t, c, e = predict_sampled(rows_logits, st.knobs, generators.get(rows[j]))
+            token[sl], conf[sl], ent[sl] = t[cols].cpu(), c[cols].cpu(), e[cols].cpu()
+        return token, conf, ent
+
+    def _keep_logprobs(self, states: list[RequestState], chosen: torch.Tensor, is_mask: torch.Tensor,
+                       mask_logits: torch.Tensor, token: torch.Tensor) -> None:
         """Stores, for the columns each request unmasks in this step, their logprobs under this
         step's logits (batched over the requests that asked; a loop over requests only)."""
         B = self.block_length
+        fr, fc = is_mask.nonzero(as_tuple=True)  # [M] block row and column of every mask row
         want = torch.tensor([st.num_logprobs is not None for st in states])  # [R]
         k = max(st.num_logprobs for st in states if st.num_logprobs is not None)
-        flat = want[fr]  # [T] draft rows of requests that asked
-        dev = draft_logits.device
-        ids, values, ranks = (t.cpu() for t in gather(draft_logits[flat.to(dev)], token[flat].to(dev), k))
+        flat = want[fr]  # [M] mask rows of requests that asked
+        dev = mask_logits.device
+        ids, values, ranks = (t.cpu() for t in gather(mask_logits[flat.to(dev)], token[flat].to(dev), k))
         R = len(states)
         g_ids = torch.zeros((R, B, k + 1), dtype=torch.int64)
         g_values = torch.zeros((R, B, k + 1), dtype=torch.float32)

@@ -1,21 +1,27 @@
 """Worker and model-runner subclasses for SDAR block diffusion (CPU and CUDA platforms).
 
-The runner logic is one mixin, `DLLMRunnerMixin`, over vLLM's V1 runner of each platform:
-`DLLMModelRunner` (CPU, over `CPUModelRunner`) and `DLLMGPUModelRunner` (CUDA, over
-`GPUModelRunner`; custom_class speculation keeps vLLM on its V1 runner). Workers:
-`DLLMWorker` (CPU) and `DLLMGPUWorker` (CUDA); a method's worker names its runner in
-`runner_cls`. The runner keeps vLLM's input preparation, forward and bookkeeping. It replaces only:
+The runner logic shared by every method is one mixin, `DLLMRunnerMixin`, over vLLM's V1 runner of
+each platform; plain block diffusion adds `DenoiseRunnerMixin`: `DLLMModelRunner` (CPU, over
+`CPUModelRunner`) and `DLLMGPUModelRunner` (CUDA, over `GPUModelRunner`; custom_class speculation
+keeps vLLM on its V1 runner). Workers: `DLLMWorker` (CPU) and `DLLMGPUWorker` (CUDA); a method's
+worker names its runner in `runner_cls`. The runner keeps vLLM's input preparation, forward and
+bookkeeping. It replaces only:
+- `_calc_spec_decode_metadata`: logits rows only AT the drafts that are masks (SDAR predicts a
+  masked position from its own logits: no AR shift, and a step only unmasks masks), instead of
+  vLLM's rows before every draft plus a bonus row per request.
 - `_sample`: instead of the AR sampler / rejection sampler, one denoising step of every
-  in-progress block, from the logits AT the draft positions (SDAR predicts a masked position
-  from its own logits: no AR shift). A finished block is returned as the step's sampled tokens
+  in-progress block from those rows. A finished block is returned as the step's sampled tokens
   (all of its generated tokens at once); an unfinished one returns none.
 - `propose_draft_token_ids`: the drafts of the next step are the updated blocks (or the next
   block's masks), computed by `_sample`; no extra forward.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.outputs import SamplerOutput
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -56,6 +62,47 @@ class DLLMRunnerMixin:
             output.dllm_step_maps = self.drafter.finished_step_maps
         return output
 
+    def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
+        # vLLM zeroes the drafts when a drafter model would run past max_model_len; ours is no
+        # model (the drafts are the blocks themselves), so they are always valid
+        return common_attn_metadata is not None
+
+
+class DenoiseRunnerMixin:
+    """Plain block diffusion's logits rows and denoising step; mixed in before `DLLMRunnerMixin`
+    (the speculative methods verify other rows and bring their own `_sample`)."""
+
+    drafter: BlockDiffusionProposer
+
+    def _calc_spec_decode_metadata(self, num_draft_tokens: np.ndarray,
+                                   cu_num_scheduled_tokens: np.ndarray) -> SpecDecodeMetadata:
+        """vLLM's metadata with the logits rows of the drafts that are masks only: the LM head, the
+        row gather and the [rows, V] reductions of the step skip the unmasked drafts and vLLM's AR
+        target / bonus rows, which denoising never reads (it has none of those: target and bonus
+        indices are empty)."""
+        T = int(num_draft_tokens.sum())
+        # flat token index of every draft: the last num_draft_tokens of each request's tokens  [T]
+        starts = np.cumsum(num_draft_tokens) - num_draft_tokens  # [R]
+        draft_index = (np.repeat(cu_num_scheduled_tokens - num_draft_tokens - starts, num_draft_tokens)
+                       + np.arange(T))
+        # the step's input ids are on the host here (vLLM gathers them there before its copy)
+        is_mask = self.input_ids.np[draft_index] == self.drafter.mask_token_id  # [T]
+        if not is_mask.any():  # prompt chunks only: nothing to denoise, the LM head wants a row
+            return super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
+        masks = np.bincount(np.repeat(np.arange(len(num_draft_tokens)), num_draft_tokens)[is_mask],
+                            minlength=len(num_draft_tokens))  # [R] mask rows per request
+        dev = self.device
+        empty = torch.zeros(0, dtype=torch.int32, device=dev)
+        return SpecDecodeMetadata(
+            draft_token_ids=self.input_ids.gpu[async_tensor_h2d(draft_index, device=dev)],  # [T]
+            num_draft_tokens=num_draft_tokens.tolist(),
+            cu_num_draft_tokens=async_tensor_h2d(np.cumsum(num_draft_tokens, dtype=np.int32), device=dev),
+            cu_num_sampled_tokens=async_tensor_h2d(np.cumsum(masks, dtype=np.int32), device=dev),
+            target_logits_indices=empty,
+            bonus_logits_indices=empty,
+            logits_indices=async_tensor_h2d(draft_index[is_mask], device=dev),  # [M]
+        )
+
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
         batch = self.input_batch
         num_reqs = batch.num_reqs
@@ -64,47 +111,35 @@ class DLLMRunnerMixin:
         if spec_decode_metadata is None:  # only prompt chunks in this step: nothing to denoise
             num_drafts = [0] * num_reqs
             draft_ids = torch.zeros(0, dtype=torch.int64)
-            draft_logits = logits[:0]
         else:
             num_drafts = spec_decode_metadata.num_draft_tokens
             draft_ids = spec_decode_metadata.draft_token_ids
-            # rows of `logits` at the draft tokens themselves (target rows + 1)
-            draft_logits = logits[spec_decode_metadata.target_logits_indices + 1]  # [T, V]
+        params = [self.requests[r].sampling_params for r in req_ids]
+        # `logits` [M, V]: rows at the mask drafts (_calc_spec_decode_metadata), denoise edits them
         finished = self.drafter.denoise(
-            req_ids,
-            [self.requests[r].sampling_params for r in req_ids],
-            batch.num_tokens_no_spec[:num_reqs].tolist(),
-            list(num_drafts),
-            draft_ids,
-            draft_logits,
-            batch.generators,
+            req_ids, params, batch.num_tokens_no_spec[:num_reqs].tolist(), list(num_drafts), draft_ids,
+            logits, batch.generators,
         )  # [num_reqs, B]
         # one spare column keeps vLLM on its multi-token (rejection-sampler) output path; the
         # result lives where vLLM's own sampler would put it (the logits' device)
-        pad = torch.full((num_reqs, 1), PLACEHOLDER, dtype=finished.dtype)
-        sampled = torch.cat([finished, pad], dim=1).to(logits.device, torch.int32)  # [num_reqs, B + 1]
-        assert sampled.shape[1] == B + 1
-        grid = step_logprobs([self.requests[r].sampling_params for r in req_ids], self.drafter.vocab_size, B + 1)
+        sampled = torch.full((num_reqs, B + 1), PLACEHOLDER, dtype=torch.int32)  # [num_reqs, B + 1]
+        sampled[:, :B] = finished
+        grid = step_logprobs(params, self.drafter.vocab_size, B + 1)
         if grid is not None:  # a finished block's tokens sit in its last columns (denoise's `out`)
             for row, (ids, values, ranks) in self.drafter.finished_logprobs.items():
                 grid.put(row, slice(B - ids.shape[0], B), ids, values, ranks)
-        return SamplerOutput(sampled_token_ids=sampled,
+        return SamplerOutput(sampled_token_ids=sampled.to(logits.device),
                              logprobs_tensors=None if grid is None else grid.tensors())
-
-    def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
-        # vLLM zeroes the drafts when a drafter model would run past max_model_len; ours is no
-        # model (the drafts are the blocks themselves), so they are always valid
-        return common_attn_metadata is not None
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         return self.drafter.propose(sampled_token_ids)
 
 
-class DLLMModelRunner(DLLMRunnerMixin, CPUModelRunner):
+class DLLMModelRunner(DenoiseRunnerMixin, DLLMRunnerMixin, CPUModelRunner):
     pass
 
 
-class DLLMGPUModelRunner(DLLMRunnerMixin, GPUModelRunner):
+class DLLMGPUModelRunner(DenoiseRunnerMixin, DLLMRunnerMixin, GPUModelRunner):
     pass
 
 
