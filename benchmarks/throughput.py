@@ -45,7 +45,7 @@ from phases import PHASES, PhaseProfiler  # noqa: E402
 
 PRESETS = {
     "smoke": dict(blocks=[4], batches=[1, 4], gen_length=16, reps=1),
-    "default": dict(blocks=[4, 8], batches=[1, 8, 32], gen_length=64, reps=1),
+    "default": dict(blocks=[4, 8], batches=[1, 8, 32], gen_length=64, reps=3),
 }
 
 
