@@ -25,9 +25,10 @@ from throughput import methods  # noqa: E402
 from vllm_dllm_spec.testing import VLLMServer  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(rates=[4.0], num_requests=4, gen_length=16, methods=["ar", "dynamic"]),
+    # smoke: no warm-up run (each `vllm bench serve` is a ~10 s process start): it checks the pipeline, not speed
+    "smoke": dict(rates=[4.0], num_requests=4, gen_length=16, methods=["ar", "dynamic"], warmup=False),
     "default": dict(rates=[1.0, 4.0, 16.0], num_requests=24, gen_length=64,
-                    methods=["ar", "static", "dynamic"]),
+                    methods=["ar", "static", "dynamic"], warmup=True),
 }
 PERCENTILES = (50, 90, 99)
 METRICS = ("ttft", "itl", "tpot", "e2el")
@@ -91,7 +92,8 @@ def main(argv=None) -> dict:
         dataset = write_dataset(model_dir, common.prompts(model_dir, preset["num_requests"]),
                                 Path(tmp) / "prompts.jsonl")
         with VLLMServer(model_dir, log_path, {}, max_num_seqs=32) as server:
-            bench_serve(server.port, model_dir, dataset, 100.0, 2, 8, table[preset["methods"][0]], 0)  # warm-up
+            if preset["warmup"]:
+                bench_serve(server.port, model_dir, dataset, 100.0, 2, 8, table[preset["methods"][0]], 0)
             bar = tqdm(total=len(preset["rates"]) * len(table), desc="serve sweep", unit="run")
             for rate in preset["rates"]:
                 for name, knobs in table.items():

@@ -31,3 +31,25 @@ def tiny_tied_ckpt(tmp_path_factory) -> str:
         num_key_value_heads=1,
         hidden_size=128,
     )
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """`shared_server(model_dir, dllm_spec, **VLLMServer kwargs)` -> a running `vllm serve`, started
+    once per distinct argument set for the whole session: modules that serve the same engine share
+    one process (a start costs ~30 s). Tests that break a server's state start their own."""
+    import json
+    from contextlib import ExitStack
+
+    from vllm_dllm_spec.testing import VLLMServer
+
+    servers: dict[str, VLLMServer] = {}
+    with ExitStack() as stack:
+        def get(model_dir: str, dllm_spec: dict | None, **kwargs) -> VLLMServer:
+            key = json.dumps([str(model_dir), dllm_spec, kwargs], sort_keys=True)
+            if key not in servers:
+                log = tmp_path_factory.mktemp("shared_serve") / "serve.log"
+                servers[key] = stack.enter_context(VLLMServer(model_dir, log, dllm_spec, **kwargs))
+            return servers[key]
+
+        yield get

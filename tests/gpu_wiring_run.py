@@ -1,4 +1,6 @@
-"""Subprocess body of tests/test_vllm_gpu_wiring.py: `python gpu_wiring_run.py {triton|flash} OUT.json`.
+"""Subprocess body of tests/test_vllm_gpu_wiring.py:
+`python gpu_wiring_run.py {triton|flash} OUT.json [PART,...]` (parts: "checks" = kernel + backend,
+or engine names; default all, so the slow interpreted-Triton engines can run in two processes).
 
 Patches the process (tests/gpu_standins.py) so vLLM's real TRITON_ATTN (kernels interpreted) or
 FLASH_ATTN (kernel stand-in) classes run on the CPU, then measures and writes JSON:
@@ -21,6 +23,7 @@ import tempfile
 import time
 
 BACKEND, OUT = sys.argv[1], sys.argv[2]
+PARTS = sys.argv[3].split(",") if len(sys.argv) > 3 else None  # None: all
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -66,7 +69,7 @@ def _counted_split(*args, **kwargs):
 
 setattr(kernel_module, KERNEL_NAME, _counted_kernel)
 attention.split_common_metadata = _counted_split
-RESULTS: dict = {"backend": BACKEND}
+RESULTS: dict = {}
 H, HKV, D, CBS = 4, 2, 32, 16
 
 
@@ -259,30 +262,39 @@ def check_engine(name, path, options, backend):
         "seconds": round(time.time() - t0, 1)}
 
 
+def wanted(part: str) -> bool:
+    return PARTS is None or part in PARTS
+
+
 def main():
     from vllm_dllm_spec.reference.spiffy import DraftGraph
     from vllm_dllm_spec.testing import make_random_sdar_checkpoint
 
     t0 = time.time()
-    if BACKEND == "triton":
-        check_kernels()
-    check_backend()
+    if wanted("checks"):
+        if BACKEND == "triton":
+            check_kernels()
+        check_backend()
     tmp = tempfile.mkdtemp(prefix="gpu_wiring_")
     b4 = make_random_sdar_checkpoint(os.path.join(tmp, "b4"), seed=0)
     b8 = make_random_sdar_checkpoint(os.path.join(tmp, "b8"), block_size=8, seed=2)
-    wrapped = attention.create_block_causal_backend(BASE)
-    check_engine("block_diffusion_b4", b4, {"method": "block_diffusion"}, wrapped)
-    check_engine("block_diffusion_b8", b8, {"method": "block_diffusion"}, wrapped)
-    check_engine("simsd", b4, {"method": "simsd", "num_draft_blocks": 2}, wrapped)
-    check_engine("psd", b4, {"method": "psd", "draft_depth": 2}, wrapped)
     graph = os.path.join(tmp, "graph_b4.json")  # branching over positions and tokens, one multi-parent state
     DraftGraph((((1, 1),), ((2, 1),), ((1, 2),), ((1, 1), (2, 1))), 4, {"kind": "gpu wiring"}).to_json(graph)
-    check_engine("spiffy", b4, {"method": "spiffy", "draft_graph": graph, "graph_budget": 4}, wrapped)
+    wrapped = attention.create_block_causal_backend(BASE)
+    engines = {
+        "block_diffusion_b4": (b4, {"method": "block_diffusion"}, wrapped),
+        "block_diffusion_b8": (b8, {"method": "block_diffusion"}, wrapped),
+        "simsd": (b4, {"method": "simsd", "num_draft_blocks": 2}, wrapped),
+        "psd": (b4, {"method": "psd", "draft_depth": 2}, wrapped),
+        "spiffy": (b4, {"method": "spiffy", "draft_graph": graph, "graph_budget": 4}, wrapped),
+    }
     if BACKEND == "flash":  # negative control: the causal backend as vLLM ships it
-        check_engine("control_unsplit", b4, {"method": "block_diffusion"}, BASE)
+        engines["control_unsplit"] = (b4, {"method": "block_diffusion"}, BASE)
+    for name, (path, options, backend) in engines.items():
+        if wanted(name):
+            check_engine(name, path, options, backend)
     RESULTS["seconds"] = round(time.time() - t0, 1)
     with open(OUT, "w") as f:
         json.dump(RESULTS, f)
-
 
 main()

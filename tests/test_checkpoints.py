@@ -447,9 +447,31 @@ def test_eos_list_id_stops_a_request_like_the_oracle(eos_replica):
 SERVED = ["SDAR-8B-Chat", "SDAR-30B-A3B-Chat"]
 
 
+@pytest.fixture(scope="module")
+def trusted_servers(tmp_path_factory):
+    """{name: (replica path, HF_MODULES_CACHE dir, server)}: `vllm serve <replica>
+    --trust-remote-code` of every SERVED replica, started at once (a start is mostly
+    single-threaded), each with its own remote-code cache dir."""
+    from vllm_dllm_spec.testing import VLLMServer
+
+    started = {}
+    try:
+        for name in SERVED:
+            root = tmp_path_factory.mktemp(f"trusted_{name}")
+            path = make_sdar_replica(root / "replica", name, seed=8)
+            modules = root / "hf_modules"  # where remote code would be copied
+            srv = VLLMServer(path, root / "serve.log", extra_args=("--trust-remote-code",),
+                             env={"HF_MODULES_CACHE": str(modules)})
+            started[name] = (path, modules, srv.start())
+        yield {name: (path, modules, srv.wait_ready()) for name, (path, modules, srv) in started.items()}
+    finally:
+        for _, _, srv in started.values():
+            srv.__exit__()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SERVED)
-def test_serve_replica_with_trust_remote_code(name, tmp_path, monkeypatch):
+def test_serve_replica_with_trust_remote_code(name, trusted_servers):
     """`vllm serve <replica> --trust-remote-code`, no dllm_spec option, config.json without the
     diffusion fields: the API server resolves block 4 and the tokenizer's mask, the engine core
     serves with them: completions (one with a per-request knob) equal the oracle, tokens and
@@ -458,26 +480,21 @@ def test_serve_replica_with_trust_remote_code(name, tmp_path, monkeypatch):
     openai = pytest.importorskip("openai")
     from transformers import AutoTokenizer
 
-    from vllm_dllm_spec.testing import VLLMServer
-
-    path = make_sdar_replica(tmp_path / "replica", name, seed=8)
-    modules = tmp_path / "hf_modules"
-    monkeypatch.setenv("HF_MODULES_CACHE", str(modules))  # where remote code would be copied
+    path, modules, srv = trusted_servers[name]
     mask = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(MASK_TOKEN)
     eos_ids = _read(path, "generation_config.json")["eos_token_id"]
     requests = [("def block_diffusion(model", 14, {}),
                 ("The quick brown fox", 11, {"remasking_strategy": "low_confidence_dynamic",
                                              "confidence_threshold": 0.3})]
-    with VLLMServer(path, tmp_path / "serve.log", extra_args=("--trust-remote-code",)) as srv:
-        client = openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120)
-        for prompt, n, knobs in requests:
-            resp = client.completions.create(model="sdar", prompt=prompt, max_tokens=n, temperature=0,
-                                             extra_body={"return_token_ids": True, "vllm_xargs": knobs})
-            choice = resp.choices[0]
-            want = oracle(path, choice.prompt_token_ids, n, eos_ids, 4, mask, **knobs)
-            assert choice.token_ids == want.tokens, knobs
-            assert resp.kv_transfer_params["dllm_spec"]["num_forwards"] == want.num_forwards
-        log = srv.log(200_000)
+    client = openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120)
+    for prompt, n, knobs in requests:
+        resp = client.completions.create(model="sdar", prompt=prompt, max_tokens=n, temperature=0,
+                                         extra_body={"return_token_ids": True, "vllm_xargs": knobs})
+        choice = resp.choices[0]
+        want = oracle(path, choice.prompt_token_ids, n, eos_ids, 4, mask, **knobs)
+        assert choice.token_ids == want.tokens, knobs
+        assert resp.kv_transfer_params["dllm_spec"]["num_forwards"] == want.num_forwards
+    log = srv.log(200_000)
     assert log.count("using SDAR's default block size 4") == 1, log[-3000:]
     assert not list(modules.rglob("configuration_sdar*.py"))
     # the control: loading the auto_map class as remote code, with the same env, copies it there

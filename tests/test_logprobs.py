@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from tolerances import assert_close  # noqa: E402
+from vllm_helpers import SERVE_MAX_MODEL_LEN, SERVED_BLOCK_DIFFUSION, served_simsd_options  # noqa: E402
 
 openai = pytest.importorskip("openai")
 
@@ -102,13 +103,26 @@ def test_offline_logprobs_equal_the_oracle(tiny_ckpt, model, method):
 
 
 @pytest.fixture(scope="module", params=METHODS)
-def served(request, tiny_ckpt, tmp_path_factory):
-    from vllm_dllm_spec.testing import VLLMServer
+def served(request, tiny_ckpt, tiny_tied_ckpt, shared_server, model):
+    """(method, its oracle for the served knobs, client): each method served by the server of the
+    module that tests it served (conftest's `shared_server`)."""
+    from vllm_dllm_spec.reference import SDARModel
+    from vllm_dllm_spec.reference.simsd import simsd_generate
 
     method = request.param
-    log_path = tmp_path_factory.mktemp(f"logprobs_{method}") / "serve.log"
-    with VLLMServer(tiny_ckpt, log_path, {"method": method, **ENGINE_KNOBS}) as srv:
-        yield method, openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120)
+    if method == "simsd":  # with a separate draft, as tests/test_vllm_simsd.py serves it
+        options, draft = served_simsd_options(tiny_tied_ckpt), SDARModel.from_pretrained(tiny_tied_ckpt)
+
+        def want(prompt, n):
+            return simsd_generate(model, draft, prompt, gen_length=n, num_draft_blocks=options["num_draft_blocks"],
+                                  draft_remasking_strategy=options["remasking_strategy"])
+    else:
+        options = SERVED_BLOCK_DIFFUSION if method == "block_diffusion" else {"method": method, **ENGINE_KNOBS}
+
+        def want(prompt, n):
+            return oracle(model, method, prompt, n)
+    srv = shared_server(tiny_ckpt, options, max_model_len=SERVE_MAX_MODEL_LEN)
+    return want, openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120)
 
 
 def _ids(tokens: list[str]) -> list[int]:
@@ -116,13 +130,13 @@ def _ids(tokens: list[str]) -> list[int]:
 
 
 def test_served_and_streamed_logprobs_equal_the_oracle(served, model):
-    method, client = served
+    want_of, client = served
     body = {"return_tokens_as_token_ids": True}
     for prompt, n, k in [(PROMPTS[1], 14, 3), (PROMPTS[2], 6, 0)]:
         resp = client.completions.create(model="sdar", prompt=prompt, max_tokens=n, temperature=0, logprobs=k,
                                          extra_body=body)
         lp = resp.choices[0].logprobs
-        want = oracle(model, method, prompt, n)
+        want = want_of(prompt, n)
         tokens = _ids(lp.tokens)
         assert tokens == want.tokens
         for position, token in enumerate(tokens):

@@ -8,18 +8,15 @@ import time
 
 import pytest
 
-from vllm_dllm_spec.testing import VLLMServer
+from vllm_helpers import SERVE_MAX_MODEL_LEN as MAX_MODEL_LEN
+from vllm_helpers import SERVED_BLOCK_DIFFUSION
 
 openai = pytest.importorskip("openai")
 
-MAX_MODEL_LEN = 510  # block 4: requests hold at most 508 tokens
-
 @pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with VLLMServer(tiny_ckpt, log_path, {"remasking_strategy": "low_confidence_static"},
-                    max_model_len=MAX_MODEL_LEN) as srv:
-        yield openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120), log_path
+def server(tiny_ckpt, shared_server):
+    srv = shared_server(tiny_ckpt, SERVED_BLOCK_DIFFUSION, max_model_len=MAX_MODEL_LEN)  # shared with test_logprobs
+    return openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120), srv.log_path
 
 
 @pytest.fixture(scope="module")

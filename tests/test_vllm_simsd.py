@@ -16,7 +16,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from vllm_dllm_spec.reference import SDARModel  # noqa: E402
 from vllm_dllm_spec.testing import shutdown_llm as shutdown  # noqa: E402
-from vllm_helpers import prompts_for, request_configs  # noqa: E402
+from vllm_helpers import SERVE_MAX_MODEL_LEN, prompts_for, request_configs, served_simsd_options  # noqa: E402
 from vllm_dllm_spec.reference.simsd import simsd_generate  # noqa: E402
 
 MAX_TOKENS = [23, 9, 30, 8, 17, 5, 25, 12]
@@ -252,15 +252,11 @@ def test_rope_copy_off_exact_and_degrades(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def simsd_server(tiny_ckpt, tiny_tied_ckpt, tmp_path_factory):
-    from vllm_dllm_spec.testing import VLLMServer
-
+def simsd_server(tiny_ckpt, tiny_tied_ckpt, shared_server):
     openai = pytest.importorskip("openai")
-    log_path = tmp_path_factory.mktemp("simsd_serve") / "serve.log"
-    options = {"method": "simsd", "draft_model": tiny_tied_ckpt, "num_draft_blocks": 2,
-               "remasking_strategy": "low_confidence_static"}
-    with VLLMServer(tiny_ckpt, log_path, options) as srv:
-        yield openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120), options
+    options = served_simsd_options(tiny_tied_ckpt)
+    srv = shared_server(tiny_ckpt, options, max_model_len=SERVE_MAX_MODEL_LEN)  # shared with test_logprobs
+    return openai.OpenAI(base_url=srv.base_url, api_key="none", timeout=120), options
 
 
 def test_serve_openai_client(simsd_server, tiny_ckpt, tiny_tied_ckpt):
@@ -271,8 +267,9 @@ def test_serve_openai_client(simsd_server, tiny_ckpt, tiny_tied_ckpt):
         resp = client.completions.create(model="sdar", prompt=prompt, max_tokens=n, temperature=0,
                                          extra_body={"return_token_ids": True})
         choice = resp.choices[0]
-        r = simsd_generate(target, draft, choice.prompt_token_ids, gen_length=n, num_draft_blocks=2,
-                           draft_remasking_strategy="low_confidence_static")
+        r = simsd_generate(target, draft, choice.prompt_token_ids, gen_length=n,
+                           num_draft_blocks=options["num_draft_blocks"],
+                           draft_remasking_strategy=options["remasking_strategy"])
         assert choice.token_ids == r.tokens
         record = resp.kv_transfer_params["dllm_spec"]
         assert (record["target_forwards"], record["draft_forwards"], record["accepted_per_round"]) == (

@@ -22,3 +22,15 @@ def request_configs(block_length: int) -> list[dict]:
 def prompts_for(vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+# Engines served by more than one module (conftest's `shared_server` starts each once per session).
+SERVE_MAX_MODEL_LEN = 510  # block 4: a request holds at most 508 tokens (tests/test_vllm_serve.py)
+# block diffusion through the plugin's default method (no "method" key), static remasking
+SERVED_BLOCK_DIFFUSION = {"remasking_strategy": "low_confidence_static"}
+
+
+def served_simsd_options(draft_dir: str) -> dict:
+    """SimSD served with a separate draft (tests/test_vllm_simsd.py, tests/test_logprobs.py)."""
+    return {"method": "simsd", "draft_model": draft_dir, "num_draft_blocks": 2,
+            "remasking_strategy": "low_confidence_static"}

@@ -6,6 +6,7 @@ byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json with a chat tem
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -179,15 +180,19 @@ class VLLMServer:
 
         with VLLMServer(model_dir, log_path, {"remasking_strategy": ...}) as server:
             OpenAI(base_url=server.base_url, api_key="none")
+
+    `start()` and `wait_ready()` split `__enter__`, so several servers can start at once (a
+    start is ~30 s of mostly single-threaded work).
     """
 
     def __init__(self, model_dir: str, log_path: str | Path, dllm_spec: dict | None = None, *,
                  max_num_seqs: int = 8, max_model_len: int = 512, startup_timeout_s: float = 300.0,
-                 extra_args: tuple = ()):
+                 extra_args: tuple = (), env: dict | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = Path(log_path)
         self.startup_timeout_s = startup_timeout_s
+        self.extra_env = dict(env or {})
         vllm = Path(__import__("sys").executable).with_name("vllm")
         self.cmd = [str(vllm), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                     "--dtype", "float32", "--max-model-len", str(max_model_len), "--enforce-eager", "--block-size", "32",
@@ -199,18 +204,23 @@ class VLLMServer:
     def log(self, tail: int = 4000) -> str:
         return self.log_path.read_text()[-tail:]
 
-    def __enter__(self) -> "VLLMServer":
+    def start(self) -> "VLLMServer":
+        """Launches the process; returns at once."""
         import os
         import subprocess
-        import time
-        import urllib.request
 
-        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", **self.extra_env)
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's usual multiprocess engine
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + self.startup_timeout_s
+        self._deadline = time.monotonic() + self.startup_timeout_s
+        return self
+
+    def wait_ready(self) -> "VLLMServer":
+        """Blocks until /health answers; a server that exits or misses its deadline raises (with its log)."""
+        import urllib.request
+
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log()}")
@@ -218,10 +228,13 @@ class VLLMServer:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
                     return self
             except OSError:
-                if time.monotonic() > deadline:
+                if time.monotonic() > self._deadline:
                     self.__exit__()
                     raise TimeoutError(f"vllm serve not ready after {self.startup_timeout_s} s:\n{self.log()}")
-                time.sleep(1)
+                time.sleep(0.5)
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start().wait_ready()
 
     def __exit__(self, *exc) -> None:
         import subprocess
