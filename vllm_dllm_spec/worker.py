@@ -32,6 +32,34 @@ from vllm_dllm_spec.logprobs import step_logprobs
 from vllm_dllm_spec.vllm_hooks import VALIDATOR_CLS
 
 
+def draft_indices(num_draft_tokens: np.ndarray, cu_num_scheduled_tokens: np.ndarray) -> np.ndarray:
+    """The flat token index of every draft [T]: the last num_draft_tokens of each request's
+    scheduled tokens (num_draft_tokens, cu_num_scheduled_tokens [num_reqs])."""
+    starts = np.cumsum(num_draft_tokens) - num_draft_tokens  # [R]
+    return (np.repeat(cu_num_scheduled_tokens - num_draft_tokens - starts, num_draft_tokens)
+            + np.arange(int(num_draft_tokens.sum())))
+
+
+def read_rows_metadata(runner, num_draft_tokens: np.ndarray, draft_index: np.ndarray,
+                       logits_index: np.ndarray, rows_per_request: np.ndarray) -> SpecDecodeMetadata:
+    """vLLM's spec-decode metadata with logits rows only at `logits_index` [M] (flat token
+    indices, in the order `_sample` reads them; rows_per_request [num_reqs] of them each):
+    the LM head, the row gather and the [rows, V] reductions skip every row the method never
+    reads, and vLLM's AR target / bonus rows (their index tensors are empty). draft_index [T]:
+    the flat token of every draft (its ids come from the step's input ids)."""
+    dev = runner.device
+    empty = torch.zeros(0, dtype=torch.int32, device=dev)
+    return SpecDecodeMetadata(
+        draft_token_ids=runner.input_ids.gpu[async_tensor_h2d(draft_index, device=dev)],  # [T]
+        num_draft_tokens=num_draft_tokens.tolist(),
+        cu_num_draft_tokens=async_tensor_h2d(np.cumsum(num_draft_tokens, dtype=np.int32), device=dev),
+        cu_num_sampled_tokens=async_tensor_h2d(np.cumsum(rows_per_request, dtype=np.int32), device=dev),
+        target_logits_indices=empty,
+        bonus_logits_indices=empty,
+        logits_indices=async_tensor_h2d(logits_index, device=dev),  # [M]
+    )
+
+
 class DLLMRunnerMixin:
     """Block diffusion's runner hooks; mixed in before a vLLM runner class (CPU or GPU)."""
 
@@ -80,28 +108,14 @@ class DenoiseRunnerMixin:
         row gather and the [rows, V] reductions of the step skip the unmasked drafts and vLLM's AR
         target / bonus rows, which denoising never reads (it has none of those: target and bonus
         indices are empty)."""
-        T = int(num_draft_tokens.sum())
-        # flat token index of every draft: the last num_draft_tokens of each request's tokens  [T]
-        starts = np.cumsum(num_draft_tokens) - num_draft_tokens  # [R]
-        draft_index = (np.repeat(cu_num_scheduled_tokens - num_draft_tokens - starts, num_draft_tokens)
-                       + np.arange(T))
+        draft_index = draft_indices(num_draft_tokens, cu_num_scheduled_tokens)  # [T]
         # the step's input ids are on the host here (vLLM gathers them there before its copy)
         is_mask = self.input_ids.np[draft_index] == self.drafter.mask_token_id  # [T]
         if not is_mask.any():  # prompt chunks only: nothing to denoise, the LM head wants a row
             return super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
         masks = np.bincount(np.repeat(np.arange(len(num_draft_tokens)), num_draft_tokens)[is_mask],
                             minlength=len(num_draft_tokens))  # [R] mask rows per request
-        dev = self.device
-        empty = torch.zeros(0, dtype=torch.int32, device=dev)
-        return SpecDecodeMetadata(
-            draft_token_ids=self.input_ids.gpu[async_tensor_h2d(draft_index, device=dev)],  # [T]
-            num_draft_tokens=num_draft_tokens.tolist(),
-            cu_num_draft_tokens=async_tensor_h2d(np.cumsum(num_draft_tokens, dtype=np.int32), device=dev),
-            cu_num_sampled_tokens=async_tensor_h2d(np.cumsum(masks, dtype=np.int32), device=dev),
-            target_logits_indices=empty,
-            bonus_logits_indices=empty,
-            logits_indices=async_tensor_h2d(draft_index[is_mask], device=dev),  # [M]
-        )
+        return read_rows_metadata(self, num_draft_tokens, draft_index, draft_index[is_mask], masks)
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
         batch = self.input_batch

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -33,7 +34,7 @@ from vllm_dllm_spec.denoise import ENTROPY, PLACEHOLDER, predict_greedy, resolve
 from vllm_dllm_spec.logprobs import gather, requested, step_logprobs
 from vllm_dllm_spec.psd.slots import BlockSlots
 from vllm_dllm_spec.walk import PolicyTable, greedy_next_states
-from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker
+from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker, draft_indices, read_rows_metadata
 
 logger = init_logger("vllm." + __name__)
 
@@ -50,6 +51,8 @@ class Step:
     num_computed: torch.Tensor  # [R]
     copies: torch.Tensor | None = None  # [R, C, B] the states the region evaluates (padded: the last repeated)
     num_copies: torch.Tensor | None = None  # [R] copies that carry a state (the rest is padding)
+    read: torch.Tensor | None = None  # [R, C * B] region positions whose logits are read
+
 
     @property
     def known(self) -> torch.Tensor:  # [R] the block's prompt tokens
@@ -58,9 +61,10 @@ class Step:
 
 @dataclass
 class Verified:
-    """One step's verified logits: spec_logits [T, V] (mask token -inf), index [R, C, B] the
-    spec_logits row of every copy position, the greedy prediction of every copy position
-    (token / confidence / entropy [R, C, B], on the host) and the requests' policy."""
+    """One step's verified logits: spec_logits [M, V] (mask token -inf) the rows of the read
+    positions (`Step.read`), index [R, C, B] the spec_logits row of every read position (0
+    elsewhere: a row nothing reads), the greedy prediction there (token / confidence / entropy
+    [R, C, B], on the host, 0 elsewhere) and the requests' policy."""
 
     spec_logits: torch.Tensor
     index: torch.Tensor
@@ -75,7 +79,7 @@ class Verified:
         pick = copy.view(R, 1, 1).expand(R, 1, B)
         return tuple(t.gather(1, pick)[:, 0] for t in (self.token, self.confidence, self.entropy))
 
-    def logits(self, r: int, copy: int) -> torch.Tensor:  # [B, V]
+    def logits(self, r: int, copy: int) -> torch.Tensor:  # [B, V] (rows of unread positions: any)
         return self.spec_logits[self.index[r, copy].to(self.spec_logits.device)]
 
 
@@ -122,14 +126,6 @@ class PSDRunnerMixin(DLLMRunnerMixin):
             s = self.slots.add(rid, params, sampling_knobs(sp), requested(sp, self.vocab_size))
         return s
 
-    def _copy_rows(self, step: Step, offsets: torch.Tensor) -> torch.Tensor:
-        """The spec_logits row of every copy position [R, C, B]. Region index q = c * B + j is spec
-        row offsets[row] + q - known (q >= known: known = the block's prompt tokens); a prompt
-        token's position (q < known) is never a mask, so any row does."""
-        C, B = self.depth, self.block_length
-        start = offsets[step.rows]  # [R]
-        return ((torch.arange(C * B)[None, :] - step.known[:, None]).clamp(min=0) + start[:, None]).view(-1, C, B)
-
     def _fill_regions(self, scheduler_output) -> None:
         """Writes every scheduled request's region (its block copies) over the placeholder spec
         tokens the scheduler reserved; a request at a new block starts it from its prompt tokens
@@ -164,6 +160,10 @@ class PSDRunnerMixin(DLLMRunnerMixin):
             sl.block_start[ns], sl.step[ns], sl.chain_len[ns], sl.unmasked_at[ns] = step.block_start[new], 0, 0, -1
         step.copies, step.num_copies = sl.copies(slots)  # [R, C, B], [R]
         copies = step.copies
+        # a step only ever reads predictions at the masks of the copies that carry a state (the
+        # states a real step starts from); padding copies and unmasked positions are never read
+        live = torch.arange(C)[None, :, None] < step.num_copies[:, None, None]  # [R, C, 1]
+        step.read = ((copies == mask_id) & live).view(len(rows), C * B)
         # region index q >= known of request r holds copies[r].flatten()[q]
         r = np.repeat(np.arange(len(rows)), length)  # [sum length]
         j = np.arange(r.size) - np.repeat(np.cumsum(length) - length, length)
@@ -191,18 +191,38 @@ class PSDRunnerMixin(DLLMRunnerMixin):
             region_index, tables[step.rows], step.block_start, D, B).to(dev)
         return out
 
+    # -- logits rows: only the read positions ------------------------------------------------
+    def _calc_spec_decode_metadata(self, num_draft_tokens: np.ndarray,
+                                   cu_num_scheduled_tokens: np.ndarray) -> SpecDecodeMetadata:
+        """The logits rows of the step are its region's read positions (`Step.read`), request by
+        request in region order: the LM head and the [rows, V] reductions skip the padding copies,
+        the positions a copy already holds and vLLM's AR target / bonus rows."""
+        step = self._step
+        if step is None:  # prompt chunks only
+            return super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
+        rows = step.rows.numpy()
+        r, q = (t.numpy() for t in step.read.nonzero(as_tuple=True))  # [M] request, region index
+        # the region is the last C * B - known tokens of a request: region index q is flat token
+        # cu_num_scheduled_tokens[row] - C * B + q
+        logits_index = (cu_num_scheduled_tokens[rows] - self.depth * self.block_length)[r] + q  # [M]
+        per_request = np.zeros(len(num_draft_tokens), dtype=np.int64)
+        per_request[rows] = step.read.sum(1).numpy()
+        return read_rows_metadata(self, num_draft_tokens, draft_indices(num_draft_tokens, cu_num_scheduled_tokens),
+                                  logits_index, per_request)
+
     # -- verification, acceptance and the next chain -----------------------------------------
-    def _verified(self, step: Step, logits: torch.Tensor, spec_decode_metadata) -> Verified:
-        """The logits AT the spec tokens and the greedy prediction of every copy position."""
-        spec_logits = logits[spec_decode_metadata.target_logits_indices + 1]  # [T, V] (a copy)
-        spec_logits[:, self.mask_token_id] = float("-inf")  # the mask token is never a prediction
-        offsets = torch.tensor([0] + list(spec_decode_metadata.num_draft_tokens)).cumsum(0)
-        index = self._copy_rows(step, offsets)  # [R, C, B]
+    def _verified(self, step: Step, logits: torch.Tensor) -> Verified:
+        """logits [M, V]: the rows of the read positions (`_calc_spec_decode_metadata`) -> their
+        greedy prediction, placed at the copy positions."""
+        logits[:, self.mask_token_id] = float("-inf")  # the mask token is never a prediction
+        read = step.read.view(step.copies.shape)  # [R, C, B]
+        index = torch.zeros(read.shape, dtype=torch.int64)
+        index[read] = torch.arange(logits.shape[0])
         table = self.slots.policy(step.slots)
         need_entropy = bool((table.strategy == ENTROPY).any())
-        rows = spec_logits[index.flatten().to(spec_logits.device)]  # [R * C * B, V]
-        tok, conf, ent = (t.cpu().view(index.shape) for t in predict_greedy(rows, need_entropy))
-        return Verified(spec_logits, index, tok, conf, ent, table)
+        tok, conf, ent = (torch.zeros(read.shape, dtype=t.dtype).masked_scatter_(read, t.cpu())
+                          for t in predict_greedy(logits, need_entropy))
+        return Verified(logits, index, tok, conf, ent, table)
 
     def _accepted_depths(self, step: Step, v: Verified) -> torch.Tensor:
         """Hierarchical acceptance of every verifying request at once (what
@@ -276,7 +296,7 @@ class PSDRunnerMixin(DLLMRunnerMixin):
             return SamplerOutput(sampled_token_ids=out.to(logits.device, torch.int32), logprobs_tensors=None)
         grid = step_logprobs([self.requests[r].sampling_params for r in batch.req_ids[:num_reqs]],
                              self.vocab_size, B + 1)
-        v = self._verified(step, logits, spec_decode_metadata)
+        v = self._verified(step, logits)
         accepted = self._accepted_depths(step, v)  # [R]
         R, s = len(step.req_ids), step.slots
         chain, old = sl.chain[s], sl.block[s]  # [R, C, B], [R, B]

@@ -18,8 +18,8 @@ copies; `_sample`:
 Greedy requests evaluate every copy's next state at every walk step at once and follow the path
 with `ops.graph_accept`; sampled ones draw step by step (batched over requests per step), so a
 seeded request consumes its generator exactly as plain decoding does. The bookkeeping after the
-walk is batched over requests; `instantiate` runs once per request (it is the oracle's own
-formula code). Tokens, step_map and forwards equal `reference.spiffy.spiffy_generate`
+walk and the drafting (`spiffy.drafts`: the oracle's `instantiate` over all drafting requests at
+once) are batched over requests. Tokens, step_map and forwards equal `reference.spiffy.spiffy_generate`
 (tests/test_vllm_spiffy.py).
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_dllm_spec import ops
 from vllm_dllm_spec import region as region_attention
-from vllm_dllm_spec.config import REMASKING_STRATEGIES
 from vllm_dllm_spec.denoise import PLACEHOLDER
 from vllm_dllm_spec.logprobs import step_logprobs
 from vllm_dllm_spec.psd.runner import PSDRunnerMixin, Step, Verified
-from vllm_dllm_spec.reference.spiffy import instantiate, load_graph
+from vllm_dllm_spec.reference.spiffy import load_graph
+from vllm_dllm_spec.spiffy.drafts import open_drafts, priority_order, ranked_tokens
 from vllm_dllm_spec.walk import PolicyTable, greedy_next_states, sampled_next_state
 from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMWorker
 
@@ -44,6 +44,9 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
     def __init__(self, vllm_config, device):
         super().__init__(vllm_config, device)
         self.graph = load_graph(self.engine_options["draft_graph"], self.block_length)
+        # token ranks a formula can name (the mask token is never ranked): `reference.spiffy.stale_ranks`
+        top = int(self.graph._tok_rank.max()) if self.graph.nodes else 1
+        self.num_ranks = max(1, min(top, self.vocab_size - 1))
 
     def _num_copies(self) -> int:
         return int(self.engine_options["graph_budget"])
@@ -52,23 +55,26 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
                      source: torch.Tensor) -> None:
         """The next step's copies: S = block [R, B], then the graph's open states instantiated
         from S's stale logits (copy source [R]; complete drafts need no copy: the walk reaches
-        them for free)."""
+        them for free), batched over the drafting requests (`spiffy.drafts`)."""
         R, B = block.shape
         mask_id, sl = self.mask_token_id, self.slots
         chain = block[:, None, :].repeat(1, self.depth, 1)  # [R, C, B]
         chain_len = torch.ones(R, dtype=torch.int64)
-        drafting = (block == mask_id).any(1).nonzero()[:, 0]  # [K]
+        is_mask = block == mask_id  # [R, B]
+        drafting = is_mask.any(1).nonzero()[:, 0]  # [K]
         if drafting.numel() == 0:  # every block finished: no next step
             return
-        rows = v.index.gather(1, source.view(R, 1, 1).expand(R, 1, B))[drafting, 0]  # [K, B] spec rows
-        stale = v.spec_logits[rows.flatten().to(v.spec_logits.device)].cpu().view(len(drafting), B, -1)  # [K, B, V]
-        strategies = v.table.strategy[drafting].tolist()
-        for k, r in enumerate(drafting.tolist()):  # the graph's formulas, one request at a time
-            drafts = instantiate(block[r], stale[k], self.graph, mask_id=mask_id, budget=self.depth,
-                                 remasking_strategy=REMASKING_STRATEGIES[strategies[k]])  # [N, B]
-            drafts = drafts[(drafts == mask_id).any(-1)]  # <= budget - 1 open states
-            chain[r, 1: 1 + len(drafts)] = drafts
-            chain_len[r] += len(drafts)
+        if self.graph.nodes:
+            # the stale distribution: copy `source`'s prediction and logits rows, at the roots' masks
+            _, confidence, entropy = v.at_copy(source)  # [R, B]
+            rows = v.index.gather(1, source.view(R, 1, 1).expand(R, 1, B))[:, 0]  # [R, B] spec rows
+            root, masks = block[drafting], is_mask[drafting]  # [K, B]
+            order = priority_order(masks, v.table.strategy[drafting], confidence[drafting], entropy[drafting])
+            logits = v.spec_logits[rows[drafting][masks].to(v.spec_logits.device)]  # [Mk, V]
+            tokens = torch.zeros((len(drafting), B, self.num_ranks), dtype=torch.int64)  # [K, B, J]
+            tokens[masks] = ranked_tokens(logits.float().softmax(-1), self.num_ranks).cpu()
+            drafts, count = open_drafts(root, order, tokens, self.graph, mask_id, self.depth)
+            chain[drafting, 1:], chain_len[drafting] = drafts, count + 1
         sl.chain[step.slots], sl.chain_len[step.slots] = chain, chain_len
 
     # -- the walk ----------------------------------------------------------------------------
@@ -130,7 +136,7 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
             return SamplerOutput(sampled_token_ids=out.to(logits.device, torch.int32), logprobs_tensors=None)
         grid = step_logprobs([self.requests[r].sampling_params for r in batch.req_ids[:num_reqs]],
                              self.vocab_size, B + 1)
-        v = self._verified(step, logits, spec_decode_metadata)
+        v = self._verified(step, logits)
         states, s = step.copies, step.slots  # [R, C, B], [R]
         R = len(s)
         path_len, path, final = self._walk(step, v)
