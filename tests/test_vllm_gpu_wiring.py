@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +55,48 @@ def test_host_split_equals_position_split():
             assert torch.equal(a, b)
 
 
+def test_host_split_with_regions_equals_position_split():
+    """Regions (suffixes of some requests' queries, starting anywhere in a block): the host split
+    cuts at each region start and gives its segments seq_len = their own length, as the twin."""
+    from vllm_dllm_spec.attention import block_causal_segments, segments_from_lens
+
+    rng = random.Random(1)
+    for _ in range(200):
+        B = rng.choice([1, 2, 4, 8])
+        n = rng.randint(1, 6)
+        ctx = [rng.choice([rng.randint(0, 60), rng.randint(0, 8) * B]) for _ in range(n)]
+        qlen = [rng.randint(0, 30) for _ in range(n)]
+        qlen[rng.randrange(n)] = rng.randint(1, 30)
+        qsl = torch.tensor([0] + torch.tensor(qlen).cumsum(0).tolist(), dtype=torch.int32)
+        seq_lens = torch.tensor([c + q for c, q in zip(ctx, qlen)], dtype=torch.int32)
+        positions = torch.cat([torch.arange(c, c + q) for c, q in zip(ctx, qlen)])
+        # region length per request: none (0), all of the query, or a random suffix
+        rlen = [rng.choice([0, q, rng.randint(0, q)]) for q in qlen]
+        start = qsl[1:] - torch.tensor(rlen, dtype=torch.int32)
+        want = block_causal_segments(qsl, positions, B, start)
+        got = segments_from_lens(qsl, seq_lens, B, start.numpy())
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        seg_qsl, seg_lens, parent = got
+        in_region = seg_qsl[:-1] >= start[parent]
+        assert torch.equal(seg_lens[in_region], (seg_qsl[1:] - seg_qsl[:-1])[in_region])
+        assert (seg_lens >= seg_qsl[1:] - seg_qsl[:-1]).all()  # a valid non-causal request each
+
+
+def test_query_region_starts():
+    from vllm_dllm_spec import region
+
+    qsl = np.array([0, 8, 14, 30])
+    idx = torch.tensor([[2, 3, 4, 5, 6, 7], [24, 25, 26, 27, 28, 29]])  # requests 0 and 2
+    lay = region.block_copies_layout(idx, torch.zeros((2, 4), dtype=torch.int64), torch.tensor([4, 16]), 3, 2)
+    assert lay.to("cpu").region_start.tolist() == [2, 24]
+    assert region.query_region_starts(lay, qsl).tolist() == [2, 14, 24]
+    with pytest.raises(RuntimeError, match="not suffixes"):  # region 0 stops short of its query end
+        region.query_region_starts(lay, np.array([0, 9, 14, 30]))
+    with pytest.raises(ValueError, match="consecutive"):
+        region.block_copies_layout(idx.flip(1), torch.zeros((2, 4), dtype=torch.int64), torch.tensor([4, 16]), 3, 2)
+
+
 def test_split_metadata_fields():
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
@@ -75,6 +118,11 @@ def test_split_metadata_fields():
     assert (s.num_reqs, s.max_query_len, s.max_seq_len, s.causal) == (5, 4, 24, False)
     assert s._num_computed_tokens_cache is None and s.is_prefilling is None
     assert s.slot_mapping is cm.slot_mapping and s.num_actual_tokens == 18  # KV lands where it did
+    # r0's last block and r2's block are verify regions: they read only themselves
+    s = split_common_metadata(cm, 4, np.array([4, 14, 14]))
+    assert s.query_start_loc_cpu.tolist() == [0, 4, 8, 12, 14, 18]
+    assert s.seq_lens.tolist() == s.seq_lens_cpu_upper_bound.tolist() == [12, 4, 4, 6, 4]
+    assert (s.num_reqs, s.max_query_len, s.max_seq_len) == (5, 4, 12)
 
 
 # -- real GPU backend classes on CPU (subprocesses) ---------------------------------------------

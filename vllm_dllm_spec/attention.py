@@ -18,6 +18,14 @@ is written by the usual `do_kv_cache_update` through the unchanged slot mapping.
 The split is computed on the host from `query_start_loc_cpu` and `seq_lens_cpu_upper_bound`
 (exact: custom_class speculation turns async scheduling off), so it needs no device sync.
 `block_causal_segments` is its obviously-correct twin from token positions (tests compare them).
+
+Verify regions (SimSD / PSD / Spiffy, `region.py`): a request's region is a suffix of its query
+whose rows `ops.region_attention` recomputes and overwrites after the kernel. The split also cuts
+at the region's first token, and every segment of the region gets seq_len = its own query length:
+a valid non-causal request reading only that many keys (qlen x qlen instead of qlen x prefix;
+its output is overwritten). The step's region starts come from the layout the runner publishes
+(`region.CURRENT.region_start`, host), read only by builders whose layers all carry the region
+fix-up (the SimSD draft's builders never do).
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ import torch
 from vllm.v1.attention.backend import AttentionCGSupport, subclass_attention_backend
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
+from vllm_dllm_spec import region
+
 # vLLM backend names the split runs on (AttentionBackend.get_name())
 SUPPORTED_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
 
@@ -37,21 +47,29 @@ def block_causal_segments(
     query_start_loc: torch.Tensor,  # [num_reqs + 1] int32
     positions: torch.Tensor,  # [num_tokens] int64
     block_length: int,
+    region_start: torch.Tensor | None = None,  # [num_reqs] flat index of each request's first region token
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split each request's query at SDAR block starts (from the tokens' positions).
+    """Split each request's query at SDAR block starts (from the tokens' positions) and at its
+    region start (a query end: no region); a segment inside a region reads only its own length.
 
     Returns (segment query_start_loc [S + 1] int32, segment seq_lens [S] int32,
     segment -> parent request [S] int64).
     """
     num_tokens = positions.shape[0]
     qsl = query_start_loc.long()
-    is_start = torch.zeros(num_tokens, dtype=torch.bool)  # [num_tokens]
-    is_start |= positions % block_length == 0
+    is_start = torch.zeros(num_tokens + 1, dtype=torch.bool)  # [num_tokens + 1]: a spare slot for query ends
+    is_start[:num_tokens] |= positions % block_length == 0
     req_starts = qsl[:-1][qsl[:-1] < qsl[1:]]  # first token of every non-empty request
     is_start[req_starts] = True
+    in_region = torch.zeros(num_tokens, dtype=torch.bool)  # [num_tokens]
+    if region_start is not None:
+        is_start[region_start.long()] = True
+        for r in range(len(region_start)):
+            in_region[int(region_start[r]):int(qsl[r + 1])] = True
+    is_start = is_start[:num_tokens]
     seg_start = torch.nonzero(is_start).squeeze(-1)  # [S]
     seg_end = torch.cat([seg_start[1:], torch.tensor([num_tokens])])  # [S] exclusive
-    seq_lens = positions[seg_end - 1] + 1  # [S]
+    seq_lens = torch.where(in_region[seg_start], seg_end - seg_start, positions[seg_end - 1] + 1)  # [S]
     parent = torch.searchsorted(qsl[1:], seg_start, right=True)  # [S]
     seg_qsl = torch.cat([seg_start, torch.tensor([num_tokens])]).to(torch.int32)
     return seg_qsl, seq_lens.to(torch.int32), parent
@@ -61,14 +79,34 @@ def segments_from_lens(
     query_start_loc_cpu: torch.Tensor,  # [num_reqs + 1] int32
     seq_lens_cpu: torch.Tensor,  # [num_reqs] int32: computed + scheduled tokens
     block_length: int,
+    region_start: np.ndarray | None = None,  # [num_reqs] flat index of each request's first region token
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`block_causal_segments` from per-request lengths: request r's query is its last qlen[r]
-    positions [seq_lens[r] - qlen[r], seq_lens[r]), so its segments are the SDAR blocks that range
-    touches, clipped to it. Computed per segment in numpy (no per-token arrays, no torch op
-    dispatch: it runs every step on the host)."""
-    B = block_length
+    """`block_causal_segments` from per-request lengths. With regions, request r is first cut in
+    two at region_start[r] (its rows before the region, then its region) and each part is split
+    on its own; a region segment's seq_len is its own query length."""
     qsl = query_start_loc_cpu.numpy().astype(np.int64)  # [R + 1]
     seq = seq_lens_cpu.numpy().astype(np.int64)  # [R]
+    if region_start is None:
+        seg_qsl, seg_lens, parent = _split_requests(qsl, seq, block_length)
+    else:
+        R = len(seq)
+        cut = np.asarray(region_start, dtype=np.int64)  # [R]
+        halves_qsl = np.append(np.stack([qsl[:-1], cut], 1).reshape(-1), qsl[-1])  # [2R + 1]
+        halves_seq = np.stack([seq - (qsl[1:] - cut), seq], 1).reshape(-1)  # [2R]
+        seg_qsl, seg_lens, half = _split_requests(halves_qsl, halves_seq, block_length)
+        in_region = half % 2 == 1  # [S]
+        seg_lens = np.where(in_region, np.diff(seg_qsl), seg_lens)
+        parent = half // 2
+        assert parent.size == 0 or parent.max() < R
+    return (torch.from_numpy(seg_qsl.astype(np.int32)), torch.from_numpy(seg_lens.astype(np.int32)),
+            torch.from_numpy(parent))
+
+
+def _split_requests(qsl: np.ndarray, seq: np.ndarray, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Request r's query is its last qlen[r] positions [seq[r] - qlen[r], seq[r]), so its segments
+    are the SDAR blocks that range touches, clipped to it. Computed per segment in numpy (no
+    per-token arrays, no torch op dispatch: it runs every step on the host).
+    qsl [R + 1], seq [R] int64 -> (segment qsl [S + 1], seq_lens [S], parent [S])."""
     qlen = qsl[1:] - qsl[:-1]  # [R]
     first = seq - qlen  # [R] position of each request's first query token
     first_block = first // B
@@ -78,17 +116,17 @@ def segments_from_lens(
     seg_first = np.maximum(block * B, first[parent])  # [S] position of the segment's first token
     seg_lens = np.minimum((block + 1) * B, seq[parent])  # [S] its last position + 1
     seg_qsl = np.append(qsl[:-1][parent] + seg_first - first[parent], qsl[-1])  # [S + 1]
-    return (torch.from_numpy(seg_qsl.astype(np.int32)), torch.from_numpy(seg_lens.astype(np.int32)),
-            torch.from_numpy(parent))
+    return seg_qsl, seg_lens, parent
 
 
-def split_common_metadata(cm, block_length: int):
+def split_common_metadata(cm, block_length: int, region_start: np.ndarray | None = None):
     """A CommonAttentionMetadata whose requests are the block-causal virtual requests of `cm`
-    (non-causal). Token-level fields (slot mapping, positions, token count) are kept; per-request
-    caches and fields the split would make stale are reset."""
+    (non-causal; region rows from region_start [num_reqs] on read only themselves). Token-level
+    fields (slot mapping, positions, token count) are kept; per-request caches and fields the
+    split would make stale are reset."""
     R = cm.num_reqs
     seg_qsl, seg_lens, parent = segments_from_lens(
-        cm.query_start_loc_cpu[: R + 1], cm.seq_lens_cpu_upper_bound[:R], block_length)
+        cm.query_start_loc_cpu[: R + 1], cm.seq_lens_cpu_upper_bound[:R], block_length, region_start)
     dev = cm.query_start_loc.device
     return dataclasses.replace(
         cm,
@@ -140,7 +178,20 @@ class BlockCausalBuilderMixin:
         if cm.seq_lens_cpu_upper_bound is None:  # a caller without the host copy: read the device's
             cm = dataclasses.replace(cm, seq_lens_cpu_upper_bound=cm.seq_lens.cpu())
         # common_prefix_len 0: no cascade attention over virtual requests of one parent
-        return super().build(0, split_common_metadata(cm, self.block_length), fast_build)
+        return super().build(0, split_common_metadata(cm, self.block_length, self._region_start(cm)), fast_build)
+
+    def _region_start(self, cm) -> np.ndarray | None:
+        """[num_reqs] flat index of each request's first verify-region token (its query end: no
+        region) from the layout the runner published for this step; None unless every layer
+        of this builder overwrites the region rows (the SimSD draft's layers do not)."""
+        layout = region.CURRENT
+        if layout is None:
+            return None
+        layers = self.vllm_config.compilation_config.static_forward_context
+        if not all(isinstance(getattr(layers.get(name), "impl", None), region.RegionAttentionMixin)
+                   for name in self.layer_names):
+            return None
+        return region.query_region_starts(layout, cm.query_start_loc_cpu[: cm.num_reqs + 1].numpy())
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,8 @@ class by `install_region_attention`) therefore recomputes the region rows with o
     visible = prefix always; region key j iff ref_visible(row's triple, j's triple)
 
 evaluated per (query, key) inside the kernel (no [Q, Q] or [Q, L + Q] mask exists), and
-overwrites the kernel's output rows of the region. The region's own KV is written to the
+overwrites the kernel's output rows of the region (the block-causal builder gives those rows
+only themselves as keys, so the kernel barely spends work on them: `VerifyLayout.region_start`). The region's own KV is written to the
 cache by vLLM at its (sequential) slots; those slots lie after the committed prefix and are
 re-fed next round, never hashed for prefix caching (they are spec tokens).
 
@@ -28,9 +29,11 @@ each seeing only itself and the prefix), expressed in the same triples
 """
 from __future__ import annotations
 
+import copy
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
@@ -48,13 +51,43 @@ class VerifyLayout:
     block_idx: torch.Tensor  # [R, Q] draft block (PSD / Spiffy: block copy)
     block_table: torch.Tensor  # [R, max_blocks] int64 paged-cache blocks of each request
     prefix_len: torch.Tensor  # [R] cached positions < prefix_len (the in-progress block's start)
+    # [R] host: region_index[:, 0], for the block-causal builder (attention.py), which gives the
+    # region rows no prefix in the normal kernel (they are overwritten); stays on the host
+    region_start: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        ri = self.region_index  # [R, Q] on the host (a layout is built there, then moved)
+        self.region_start = ri[:, 0].numpy() if ri.shape[1] else np.zeros(0, np.int64)
+        if not torch.equal(ri, ri[:, :1] + torch.arange(ri.shape[1])):
+            raise ValueError("a verify region is a run of consecutive tokens of its request's query")
 
     def to(self, device) -> "VerifyLayout":
-        """The layout on `device` (once per step, so no layer copies it)."""
-        return VerifyLayout(*(getattr(self, f.name).to(device) for f in fields(self)))
+        """The layout on `device` (once per step, so no layer copies it); region_start stays on the host."""
+        moved = copy.copy(self)
+        for f in fields(self):
+            if f.init:
+                setattr(moved, f.name, getattr(self, f.name).to(device))
+        return moved
 
 
 CURRENT: VerifyLayout | None = None
+
+
+def query_region_starts(layout: VerifyLayout, query_start_loc: np.ndarray) -> np.ndarray:
+    """[num_reqs] flat index of each request's first region token, its query end where it has
+    none, from the step's query_start_loc [num_reqs + 1] (host). Raises unless every region is a
+    whole suffix of its own request's query (what the op overwrites is what the split spares)."""
+    qsl = query_start_loc.astype(np.int64)
+    starts = layout.region_start  # [R]
+    req = np.searchsorted(qsl[1:], starts, side="right")  # [R] the request holding each region start
+    Q = layout.region_index.shape[1]
+    ok = (req < len(qsl) - 1).all() and len(np.unique(req)) == len(req)
+    if not ok or (qsl[np.minimum(req, len(qsl) - 2) + 1] - starts != Q).any():
+        raise RuntimeError(f"verify regions (starts {starts.tolist()}, length {Q}) are not suffixes of "
+                           f"distinct requests' queries (query_start_loc {qsl.tolist()})")
+    out = qsl[1:].copy()
+    out[req] = starts
+    return out
 
 
 def cache_slots(block_tables: torch.Tensor, positions: torch.Tensor, cache_block_size: int) -> torch.Tensor:
