@@ -343,28 +343,28 @@ inline v16f exp16(v16f x) {
   return tiny ? v16f{} : y;
 }
 
-// One row: raw scores p [n_pad] (keys j < L: the prefix, always visible; key L + j: region token
-// j, visible iff ref_visible(row i, j); j >= L + Q: padding) -> out [D] = softmax(scale * p) @ V,
-// V [L + Q, D]. Softmax in fp32: max, exp, sum, then the weighted sum of V (masked keys skipped).
-DLLM_SPEC_CLONES void softmax_pv_f32(float* __restrict__ p, int64_t L, int64_t Q, int64_t n_pad, int64_t i,
-                                     int64_t D, const float* __restrict__ V, const int64_t* kd,
-                                     const int64_t* st, const int64_t* bk, float scale,
-                                     float* __restrict__ o) {
-  const int64_t n = L + Q;
-  float m = -INFINITY;
-  for (int64_t j = 0; j < L; ++j) {
-    p[j] *= scale;
-    m = std::max(m, p[j]);
+// Row i's raw scores p [n_pad] (keys j < L: the prefix, always visible; key L + j: region token j,
+// visible iff ref_visible(row i, j) on the request's triples kd / st / bk [Q]; j >= L + Q: padding)
+// -> in place, the unnormalised softmax
+// weights exp(scale * p - max) (0 at masked keys and padding); returns their sum. Softmax in fp32,
+// vectorised over 16 keys.
+DLLM_SPEC_CLONES float softmax_row_f32(float* __restrict__ p, int64_t L, int64_t Q, int64_t n_pad, int64_t i,
+                                       const int64_t* kd, const int64_t* st, const int64_t* bk, float scale) {
+  for (int64_t j0 = 0; j0 < n_pad; j0 += kKeyTile) {
+    const v16f x = load16(p + j0) * scale;
+    __builtin_memcpy(p + j0, &x, sizeof x);
   }
   for (int64_t j = 0; j < Q; ++j) {
-    float x = -INFINITY;
-    if (ref_visible(kd[i], st[i], bk[i], kd[j], st[j], bk[j])) {
-      x = p[L + j] * scale;
-      m = std::max(m, x);
-    }
-    p[L + j] = x;
+    if (!ref_visible(kd[i], st[i], bk[i], kd[j], st[j], bk[j])) p[L + j] = -INFINITY;
   }
-  for (int64_t j = n; j < n_pad; ++j) p[j] = -INFINITY;
+  for (int64_t j = L + Q; j < n_pad; ++j) p[j] = -INFINITY;
+  v16f mv = v16f{} - INFINITY;
+  for (int64_t j0 = 0; j0 < n_pad; j0 += kKeyTile) {
+    const v16f x = load16(p + j0);
+    mv = x > mv ? x : mv;
+  }
+  float m = mv[0];
+  for (int u = 1; u < kKeyTile; ++u) m = std::max(m, mv[u]);
   v16f acc = {};
   for (int64_t j0 = 0; j0 < n_pad; j0 += kKeyTile) {
     const v16f e = exp16(load16(p + j0) - m);
@@ -373,26 +373,67 @@ DLLM_SPEC_CLONES void softmax_pv_f32(float* __restrict__ p, int64_t L, int64_t Q
   }
   float sum = 0.f;
   for (int u = 0; u < kKeyTile; ++u) sum += acc[u];
-  for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float w = p[j];
-    if (w == 0.f) continue;
-    const float* v = V + j * D;
-    for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
-  }
-  const float inv = 1.f / sum;
-  for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  return sum;
 }
 
-// dst[0, n) = src[0, n * stride) as fp32; the contiguous case is a separate loop so it vectorizes.
-template <typename scalar_t>
-inline void load_f32(const scalar_t* __restrict__ src, int64_t stride, int64_t n, float* __restrict__ dst) {
-  if (stride == 1) {
-    for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
-  } else {
-    for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x * stride]);
+// o [kRowTile, Dp] = w [kRowTile, n_pad] @ V [n, Dp] over the first n keys (Dp a multiple of 16):
+// the accumulators stay in registers (4 rows x 4 vectors of 16 dims per pass, then 4 x 1), each
+// value vector loaded once for the kRowTile rows.
+DLLM_SPEC_CLONES void pv_rows_f32(const float* __restrict__ w, int64_t n, int64_t n_pad,
+                                  const float* __restrict__ V, int64_t Dp, float* __restrict__ o) {
+  const float *w0 = w, *w1 = w + n_pad, *w2 = w + 2 * n_pad, *w3 = w + 3 * n_pad;
+  int64_t d0 = 0;
+  for (; d0 + 4 * kKeyTile <= Dp; d0 += 4 * kKeyTile) {
+    v16f a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
+    v16f a20 = {}, a21 = {}, a22 = {}, a23 = {}, a30 = {}, a31 = {}, a32 = {}, a33 = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* v = V + j * Dp + d0;
+      const v16f v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+      const float x0 = w0[j], x1 = w1[j], x2 = w2[j], x3 = w3[j];
+      a00 += x0 * v0, a01 += x0 * v1, a02 += x0 * v2, a03 += x0 * v3;
+      a10 += x1 * v0, a11 += x1 * v1, a12 += x1 * v2, a13 += x1 * v3;
+      a20 += x2 * v0, a21 += x2 * v1, a22 += x2 * v2, a23 += x2 * v3;
+      a30 += x3 * v0, a31 += x3 * v1, a32 += x3 * v2, a33 += x3 * v3;
+    }
+    const v16f* acc[4][4] = {{&a00, &a01, &a02, &a03}, {&a10, &a11, &a12, &a13},
+                             {&a20, &a21, &a22, &a23}, {&a30, &a31, &a32, &a33}};
+    for (int r = 0; r < 4; ++r) {
+      for (int c = 0; c < 4; ++c) __builtin_memcpy(o + r * Dp + d0 + c * 16, acc[r][c], sizeof(v16f));
+    }
+  }
+  for (; d0 < Dp; d0 += kKeyTile) {
+    v16f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const v16f v = load16(V + j * Dp + d0);
+      a0 += w0[j] * v, a1 += w1[j] * v, a2 += w2[j] * v, a3 += w3[j] * v;
+    }
+    __builtin_memcpy(o + d0, &a0, sizeof a0);
+    __builtin_memcpy(o + Dp + d0, &a1, sizeof a1);
+    __builtin_memcpy(o + 2 * Dp + d0, &a2, sizeof a2);
+    __builtin_memcpy(o + 3 * Dp + d0, &a3, sizeof a3);
   }
 }
+
+// dst[r * ld + c] = src[r * rs + c * cs] as fp32 for r < rows, c < cols; contiguous columns have
+// their own loop so that it vectorizes (the bf16 / fp16 widening too, AVX-512 in the v4 clone).
+#define DLLM_SPEC_LOAD_F32(scalar_t)                                                               \
+  DLLM_SPEC_CLONES void load_f32(const scalar_t* __restrict__ src, int64_t rs, int64_t cs,          \
+                                 int64_t rows, int64_t cols, float* __restrict__ dst, int64_t ld) { \
+    for (int64_t r = 0; r < rows; ++r) {                                                           \
+      const scalar_t* x = src + r * rs;                                                            \
+      float* y = dst + r * ld;                                                                     \
+      if (cs == 1) {                                                                               \
+        for (int64_t c = 0; c < cols; ++c) y[c] = static_cast<float>(x[c]);                        \
+      } else {                                                                                     \
+        for (int64_t c = 0; c < cols; ++c) y[c] = static_cast<float>(x[c * cs]);                   \
+      }                                                                                            \
+    }                                                                                              \
+  }
+DLLM_SPEC_LOAD_F32(float)
+DLLM_SPEC_LOAD_F32(double)
+DLLM_SPEC_LOAD_F32(c10::BFloat16)
+DLLM_SPEC_LOAD_F32(c10::Half)
+#undef DLLM_SPEC_LOAD_F32
 
 template <typename scalar_t>
 void region_attention_kernel(const RegionDims& dm, const at::Tensor& query, const at::Tensor& key,
@@ -402,6 +443,7 @@ void region_attention_kernel(const RegionDims& dm, const at::Tensor& query, cons
                              float scale, at::Tensor& out) {
   const int64_t R = dm.R, Q = dm.Q, H = dm.H, Hkv = dm.Hkv, D = dm.D, G = H / Hkv;
   const int64_t bs = dm.block_size, MB = dm.max_blocks;
+  const int64_t Dp = (D + kKeyTile - 1) / kKeyTile * kKeyTile;  // value / output rows padded to vectors
   const int64_t rows = G * Q, rows_pad = (rows + kRowTile - 1) / kRowTile * kRowTile;
   const scalar_t *qp = query.data_ptr<scalar_t>(), *kp = key.data_ptr<scalar_t>(),
                  *vp = value.data_ptr<scalar_t>();
@@ -410,39 +452,47 @@ void region_attention_kernel(const RegionDims& dm, const at::Tensor& query, cons
   const auto kcs = k_cache.strides(), vcs = v_cache.strides();
   scalar_t* op = out.data_ptr<scalar_t>();  // [R, Q, H, D] contiguous
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    // kt [D, n_pad] keys transposed, vbuf [n, D], qbuf [rows_pad, D] (padding rows stay 0),
-    // sbuf [kRowTile, n_pad] scores, obuf [D] one output row
-    std::vector<float> kt, vbuf, qbuf(rows_pad * D, 0.f), sbuf, obuf(D);
+    // kt [D, n_pad] keys transposed, vbuf [n, Dp], qbuf [rows_pad, D] (padding rows stay 0),
+    // sbuf [kRowTile, n_pad] scores then weights, obuf [kRowTile, Dp] output rows
+    std::vector<float> kt, vbuf, qbuf(rows_pad * D, 0.f), sbuf, obuf(kRowTile * Dp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / Hkv, hk = task % Hkv, L = plen[r], n = L + Q;
       const int64_t n_pad = (n + kKeyTile - 1) / kKeyTile * kKeyTile;
       kt.resize(D * n_pad);  // padding columns give scores the softmax overwrites with -inf
-      vbuf.resize(n * D);
+      vbuf.resize(n * Dp);
       sbuf.resize(kRowTile * n_pad);
       for (int64_t p0 = 0; p0 < L; p0 += bs) {  // prefix: one cache block (of the table) at a time
         const int64_t blk = bt[r * MB + p0 / bs], cnt = std::min(bs, L - p0);
         const scalar_t* kb = kc + blk * kcs[0] + hk * kcs[2];
-        for (int64_t d = 0; d < D; ++d) load_f32(kb + d * kcs[3], kcs[1], cnt, &kt[d * n_pad + p0]);
+        load_f32(kb, kcs[3], kcs[1], D, cnt, &kt[p0], n_pad);  // [D, cnt] into columns p0..
         const scalar_t* vb = vc + blk * vcs[0] + hk * vcs[2];
-        for (int64_t off = 0; off < cnt; ++off) load_f32(vb + off * vcs[1], vcs[3], D, &vbuf[(p0 + off) * D]);
+        load_f32(vb, vcs[1], vcs[3], cnt, D, &vbuf[p0 * Dp], Dp);  // [cnt, D] into rows p0..
       }
       const int64_t* rr = ri + r * Q;
       for (int64_t j = 0; j < Q; ++j) {  // the region's own keys and values
-        const scalar_t* k = kp + rr[j] * ks[0] + hk * ks[1];
-        for (int64_t d = 0; d < D; ++d) kt[d * n_pad + L + j] = static_cast<float>(k[d * ks[2]]);
-        load_f32(vp + rr[j] * vs[0] + hk * vs[1], vs[2], D, &vbuf[(L + j) * D]);
+        load_f32(kp + rr[j] * ks[0] + hk * ks[1], ks[2], 1, D, 1, &kt[L + j], n_pad);  // column L + j
+        load_f32(vp + rr[j] * vs[0] + hk * vs[1], 0, vs[2], 1, D, &vbuf[(L + j) * Dp], Dp);
       }
       for (int64_t row = 0; row < rows; ++row) {  // row = g * Q + i: head hk * G + g, region row i
-        load_f32(qp + rr[row % Q] * qs[0] + (hk * G + row / Q) * qs[1], qs[2], D, &qbuf[row * D]);
+        load_f32(qp + rr[row % Q] * qs[0] + (hk * G + row / Q) * qs[1], 0, qs[2], 1, D, &qbuf[row * D], D);
       }
       for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+        const int64_t r1 = std::min(r0 + kRowTile, rows);
         score_rows_f32(&qbuf[r0 * D], D, kt.data(), n_pad, sbuf.data());
-        for (int64_t row = r0; row < std::min(r0 + kRowTile, rows); ++row) {
+        float inv[kRowTile];
+        for (int64_t row = r0; row < r1; ++row) {
+          inv[row - r0] = 1.f / softmax_row_f32(&sbuf[(row - r0) * n_pad], L, Q, n_pad, row % Q, kd + r * Q,
+                                                st + r * Q, bk + r * Q, scale);
+        }
+        for (int64_t row = r1; row < r0 + kRowTile; ++row) {  // padding rows: zero weights
+          std::fill_n(&sbuf[(row - r0) * n_pad], n_pad, 0.f);
+        }
+        pv_rows_f32(sbuf.data(), n, n_pad, vbuf.data(), Dp, obuf.data());
+        for (int64_t row = r0; row < r1; ++row) {
           const int64_t g = row / Q, i = row % Q;
-          softmax_pv_f32(&sbuf[(row - r0) * n_pad], L, Q, n_pad, i, D, vbuf.data(), kd + r * Q,
-                         st + r * Q, bk + r * Q, scale, obuf.data());
           scalar_t* o = op + ((r * Q + i) * H + hk * G + g) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(obuf[d]);
+          const float* ob = &obuf[(row - r0) * Dp];
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(ob[d] * inv[row - r0]);
         }
       }
     }
