@@ -89,7 +89,6 @@ def segments_from_lens(
     if region_start is None:
         seg_qsl, seg_lens, parent = _split_requests(qsl, seq, block_length)
     else:
-        R = len(seq)
         cut = np.asarray(region_start, dtype=np.int64)  # [R]
         halves_qsl = np.append(np.stack([qsl[:-1], cut], 1).reshape(-1), qsl[-1])  # [2R + 1]
         halves_seq = np.stack([seq - (qsl[1:] - cut), seq], 1).reshape(-1)  # [2R]
@@ -97,7 +96,6 @@ def segments_from_lens(
         in_region = half % 2 == 1  # [S]
         seg_lens = np.where(in_region, np.diff(seg_qsl), seg_lens)
         parent = half // 2
-        assert parent.size == 0 or parent.max() < R
     return (torch.from_numpy(seg_qsl.astype(np.int32)), torch.from_numpy(seg_lens.astype(np.int32)),
             torch.from_numpy(parent))
 

@@ -16,9 +16,10 @@ class by `install_region_attention`) therefore recomputes the region rows with o
 
 evaluated per (query, key) inside the kernel (no [Q, Q] or [Q, L + Q] mask exists), and
 overwrites the kernel's output rows of the region (the block-causal builder gives those rows
-only themselves as keys, so the kernel barely spends work on them: `VerifyLayout.region_start`). The region's own KV is written to the
-cache by vLLM at its (sequential) slots; those slots lie after the committed prefix and are
-re-fed next round, never hashed for prefix caching (they are spec tokens).
+only themselves as keys, so the kernel barely spends work on them: `VerifyLayout.region_start`).
+The region's own KV is written to the cache by vLLM at its (sequential) slots; those slots lie
+after the committed prefix and are re-fed next round, never hashed for prefix caching (they are
+spec tokens).
 
 The op reads the paged cache through strided views, `paged_kv`, of the CPU 'vec' layout and the
 FA/Triton layout. The step's layout is published by the runner in `CURRENT` (module state of

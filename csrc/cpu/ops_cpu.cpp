@@ -379,6 +379,7 @@ DLLM_SPEC_CLONES float softmax_row_f32(float* __restrict__ p, int64_t L, int64_t
 // o [kRowTile, Dp] = w [kRowTile, n_pad] @ V [n, Dp] over the first n keys (Dp a multiple of 16):
 // the accumulators stay in registers (4 rows x 4 vectors of 16 dims per pass, then 4 x 1), each
 // value vector loaded once for the kRowTile rows.
+static_assert(kRowTile == 4, "pv_rows_f32 accumulates exactly 4 rows");
 DLLM_SPEC_CLONES void pv_rows_f32(const float* __restrict__ w, int64_t n, int64_t n_pad,
                                   const float* __restrict__ V, int64_t Dp, float* __restrict__ o) {
   const float *w0 = w, *w1 = w + n_pad, *w2 = w + 2 * n_pad, *w3 = w + 3 * n_pad;

@@ -53,7 +53,6 @@ class Step:
     num_copies: torch.Tensor | None = None  # [R] copies that carry a state (the rest is padding)
     read: torch.Tensor | None = None  # [R, C * B] region positions whose logits are read
 
-
     @property
     def known(self) -> torch.Tensor:  # [R] the block's prompt tokens
         return self.num_tokens - self.block_start

@@ -194,13 +194,19 @@ def priority_order(is_mask: torch.Tensor, probs: torch.Tensor, remasking_strateg
     return key.argsort(descending=True, stable=True)[:num_masks]
 
 
+def num_token_ranks(max_token_rank: int, vocab_size: int) -> int:
+    """J, how many stale token ranks a formula can name: max_token_rank, at least 1, at most
+    V - 1 (the mask token is never ranked)."""
+    return max(1, min(max_token_rank, vocab_size - 1))
+
+
 def stale_ranks(root: torch.Tensor, stale_logits: torch.Tensor, remasking_strategy: str, mask_id: int,
                 max_token_rank: int):
     """(positions [M] by priority, token ids [B, J] by stale probability, J = max_token_rank
     capped at V - 1): what the ranks of a formula refer to."""
     probs = exclude_mask_token(stale_logits, mask_id).float().softmax(-1)  # [B, V]
     order = priority_order(root == mask_id, probs, remasking_strategy)  # [M]
-    J = max(1, min(max_token_rank, probs.shape[-1] - 1))  # the mask token is never ranked
+    J = num_token_ranks(max_token_rank, probs.shape[-1])
     tokens = probs.sort(dim=-1, descending=True, stable=True).indices[:, :J]  # [B, J]
     return order, tokens
 

@@ -34,7 +34,7 @@ from vllm_dllm_spec import region as region_attention
 from vllm_dllm_spec.denoise import PLACEHOLDER
 from vllm_dllm_spec.logprobs import step_logprobs
 from vllm_dllm_spec.psd.runner import PSDRunnerMixin, Step, Verified
-from vllm_dllm_spec.reference.spiffy import load_graph
+from vllm_dllm_spec.reference.spiffy import load_graph, num_token_ranks
 from vllm_dllm_spec.spiffy.drafts import open_drafts, priority_order, ranked_tokens
 from vllm_dllm_spec.walk import PolicyTable, greedy_next_states, sampled_next_state
 from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMWorker
@@ -44,9 +44,8 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
     def __init__(self, vllm_config, device):
         super().__init__(vllm_config, device)
         self.graph = load_graph(self.engine_options["draft_graph"], self.block_length)
-        # token ranks a formula can name (the mask token is never ranked): `reference.spiffy.stale_ranks`
         top = int(self.graph._tok_rank.max()) if self.graph.nodes else 1
-        self.num_ranks = max(1, min(top, self.vocab_size - 1))
+        self.num_ranks = num_token_ranks(top, self.vocab_size)  # as the oracle's stale_ranks
 
     def _num_copies(self) -> int:
         return int(self.engine_options["graph_budget"])
