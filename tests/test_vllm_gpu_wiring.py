@@ -90,9 +90,16 @@ def test_query_region_starts():
     idx = torch.tensor([[2, 3, 4, 5, 6, 7], [24, 25, 26, 27, 28, 29]])  # requests 0 and 2
     lay = region.block_copies_layout(idx, torch.zeros((2, 4), dtype=torch.int64), torch.tensor([4, 16]), 3, 2)
     assert lay.to("cpu").region_start.tolist() == [2, 24]
-    assert region.query_region_starts(lay, qsl).tolist() == [2, 14, 24]
+    assert region.query_region_starts([lay], qsl).tolist() == [2, 14, 24]
     with pytest.raises(RuntimeError, match="not suffixes"):  # region 0 stops short of its query end
-        region.query_region_starts(lay, np.array([0, 9, 14, 30]))
+        region.query_region_starts([lay], np.array([0, 9, 14, 30]))
+    # regions of different lengths (PSD / Spiffy: the live copies only): one layout per length
+    one = region.block_copies_layout(torch.tensor([[28, 29]]), torch.zeros((1, 4), dtype=torch.int64),
+                                     torch.tensor([16]), 1, 2)
+    three = region.block_copies_layout(idx[:1], torch.zeros((1, 4), dtype=torch.int64), torch.tensor([4]), 3, 2)
+    assert region.query_region_starts([one, three], qsl).tolist() == [2, 14, 28]
+    with pytest.raises(RuntimeError, match="not suffixes"):  # two regions in one request
+        region.query_region_starts([lay, one], qsl)
     with pytest.raises(ValueError, match="consecutive"):
         region.block_copies_layout(idx.flip(1), torch.zeros((2, 4), dtype=torch.int64), torch.tensor([4, 16]), 3, 2)
 

@@ -23,8 +23,8 @@ Verify regions (SimSD / PSD / Spiffy, `region.py`): a request's region is a suff
 whose rows `ops.region_attention` recomputes and overwrites after the kernel. The split also cuts
 at the region's first token, and every segment of the region gets seq_len = its own query length:
 a valid non-causal request reading only that many keys (qlen x qlen instead of qlen x prefix;
-its output is overwritten). The step's region starts come from the layout the runner publishes
-(`region.CURRENT.region_start`, host), read only by builders whose layers all carry the region
+its output is overwritten). The step's region starts come from the layouts the runner publishes
+(`region.CURRENT`, their `region_start` on the host), read only by builders whose layers all carry the region
 fix-up (the SimSD draft's builders never do).
 """
 from __future__ import annotations
@@ -182,14 +182,13 @@ class BlockCausalBuilderMixin:
         """[num_reqs] flat index of each request's first verify-region token (its query end: no
         region) from the layout the runner published for this step; None unless every layer
         of this builder overwrites the region rows (the SimSD draft's layers do not)."""
-        layout = region.CURRENT
-        if layout is None:
+        if not region.CURRENT:
             return None
         layers = self.vllm_config.compilation_config.static_forward_context
         if not all(isinstance(getattr(layers.get(name), "impl", None), region.RegionAttentionMixin)
                    for name in self.layer_names):
             return None
-        return region.query_region_starts(layout, cm.query_start_loc_cpu[: cm.num_reqs + 1].numpy())
+        return region.query_region_starts(region.CURRENT, cm.query_start_loc_cpu[: cm.num_reqs + 1].numpy())
 
 
 @functools.lru_cache(maxsize=None)

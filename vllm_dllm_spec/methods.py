@@ -21,6 +21,9 @@ class MethodPlan(NamedTuple):
     # the start of its in-progress block (its "step span", see max_total_tokens)
     options: dict  # method-specific normalized knobs, merged into additional_config["dllm_spec"]
     gpu_worker_cls: str | None = None  # the worker on CUDA (None: the method runs on CPU only)
+    # spec-token slots of a block's first step (None: num_speculative_tokens); later steps take
+    # what the runner proposes, up to num_speculative_tokens
+    first_step_tokens: int | None = None
 
 
 def max_total_tokens(max_model_len: int, block_length: int, step_span: int) -> int:

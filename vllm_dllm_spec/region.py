@@ -22,8 +22,10 @@ after the committed prefix and are re-fed next round, never hashed for prefix ca
 spec tokens).
 
 The op reads the paged cache through strided views, `paged_kv`, of the CPU 'vec' layout and the
-FA/Triton layout. The step's layout is published by the runner in `CURRENT` (module state of
-this process, on the runner's device, set before the model forward and cleared after it).
+FA/Triton layout. The step's layouts are published by the runner in `CURRENT` (module state of
+this process, on the runner's device, set before the model forward and cleared after it): one
+layout per region length, since a layout is rectangular ([R, Q]) and PSD's / Spiffy's requests
+feed only the block copies that carry a state (1 .. C copies each), one op call per length.
 PSD's (and Spiffy's) verify step uses the same op with block copies (one per drafted state,
 each seeing only itself and the prefix), expressed in the same triples
 (`ops.block_copies_triples`).
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -71,21 +74,23 @@ class VerifyLayout:
         return moved
 
 
-CURRENT: VerifyLayout | None = None
+# the step's verify layouts, one per region length (empty outside a verify step)
+CURRENT: tuple[VerifyLayout, ...] = ()
 
 
-def query_region_starts(layout: VerifyLayout, query_start_loc: np.ndarray) -> np.ndarray:
+def query_region_starts(layouts: Sequence[VerifyLayout], query_start_loc: np.ndarray) -> np.ndarray:
     """[num_reqs] flat index of each request's first region token, its query end where it has
-    none, from the step's query_start_loc [num_reqs + 1] (host). Raises unless every region is a
-    whole suffix of its own request's query (what the op overwrites is what the split spares)."""
+    none, from the step's layouts and query_start_loc [num_reqs + 1] (host). Raises unless every
+    region is a whole suffix of its own request's query (what the op overwrites is what the
+    split spares)."""
     qsl = query_start_loc.astype(np.int64)
-    starts = layout.region_start  # [R]
+    starts = np.concatenate([lay.region_start for lay in layouts])  # [R]
+    lengths = np.concatenate([np.full(len(lay.region_start), lay.region_index.shape[1]) for lay in layouts])  # [R]
     req = np.searchsorted(qsl[1:], starts, side="right")  # [R] the request holding each region start
-    Q = layout.region_index.shape[1]
     ok = (req < len(qsl) - 1).all() and len(np.unique(req)) == len(req)
-    if not ok or (qsl[np.minimum(req, len(qsl) - 2) + 1] - starts != Q).any():
-        raise RuntimeError(f"verify regions (starts {starts.tolist()}, length {Q}) are not suffixes of "
-                           f"distinct requests' queries (query_start_loc {qsl.tolist()})")
+    if not ok or (qsl[np.minimum(req, len(qsl) - 2) + 1] - starts != lengths).any():
+        raise RuntimeError(f"verify regions (starts {starts.tolist()}, lengths {lengths.tolist()}) are not "
+                           f"suffixes of distinct requests' queries (query_start_loc {qsl.tolist()})")
     out = qsl[1:].copy()
     out[req] = starts
     return out
@@ -153,16 +158,18 @@ class RegionAttentionMixin:
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = self._base_impl.forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                                       *args, **kwargs)
-        lay = CURRENT
-        if lay is None or attn_metadata is None or lay.region_index.numel() == 0:
+        if not CURRENT or attn_metadata is None:
             return out
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
-        R, Q = lay.region_index.shape
         k_cache, v_cache = paged_kv(kv_layout(self, layer), kv_cache, Hkv, D)  # [nb, bs, Hkv, D] views
-        res = ops.region_attention(query.view(-1, H, D), key.view(-1, Hkv, D), value.view(-1, Hkv, D),
-                                   lay.region_index, lay.kind, lay.step, lay.block_idx, k_cache, v_cache,
-                                   lay.block_table, lay.prefix_len, self.scale)  # [R, Q, H, D]
-        output.view(-1, H, D)[lay.region_index.reshape(-1)] = res.view(R * Q, H, D).to(output.dtype)
+        q, k, v = query.view(-1, H, D), key.view(-1, Hkv, D), value.view(-1, Hkv, D)
+        for lay in CURRENT:
+            R, Q = lay.region_index.shape
+            if R * Q == 0:
+                continue
+            res = ops.region_attention(q, k, v, lay.region_index, lay.kind, lay.step, lay.block_idx, k_cache,
+                                       v_cache, lay.block_table, lay.prefix_len, self.scale)  # [R, Q, H, D]
+            output.view(-1, H, D)[lay.region_index.reshape(-1)] = res.view(R * Q, H, D).to(output.dtype)
         return out
 
 

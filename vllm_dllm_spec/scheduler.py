@@ -13,7 +13,7 @@ Contract with vLLM's scheduler (v1/core/sched/scheduler.py, vLLM 0.32):
   full blocks and the first denoising step are one forward too.
 - Prompt chunks (chunked prefill) end on an SDAR block boundary, so block-causal attention of a
   later chunk sees complete blocks.
-- Context limit: a step feeds `first_spec_slots` positions from the in-progress block's start and
+- Context limit: a step feeds at most num_speculative_tokens positions from the in-progress block's start and
   appends no sampled token after them, so the last one may sit at max_model_len - 1 (vLLM's
   cap keeps a slot free for an AR sample). A request's max_tokens is cut to what fits
   (`methods.max_total_tokens`; it ends with "length", as at vLLM's context limit); prompts
@@ -26,7 +26,7 @@ import time
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_dllm_spec.vllm_hooks import ROOM_KEY
+from vllm_dllm_spec.vllm_hooks import FIRST_STEP_KEY, ROOM_KEY
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so vLLM's log config applies
 LOG_INTERVAL_S = 10.0
@@ -38,11 +38,11 @@ class BlockDiffusionScheduler(Scheduler):
         hf = vllm_config.model_config.hf_config
         self.block_length = int(hf.block_size)
         self.mask_token_id = int(hf.mask_token_id)
-        # Spec-token slots a step feeds from the in-progress block's start: the method plan's
-        # num_speculative_tokens (block diffusion: the block; SimSD: its verify region; PSD: its
-        # block copies). A request finishing its prompt gets them less its leftover prompt
+        # Spec-token slots a block's first step feeds from its start: the method plan's
+        # first_step_tokens (block diffusion: the block; SimSD: its verify region; PSD / Spiffy:
+        # one block copy). A request finishing its prompt gets them less its leftover prompt
         # tokens; keep room for them.
-        self.first_spec_slots = self.num_spec_tokens
+        self.first_spec_slots = int(vllm_config.additional_config.get(FIRST_STEP_KEY, self.num_spec_tokens))
         self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.first_spec_slots)
         # most tokens one request can hold (computed by the config hook, which also refuses
         # prompts without room at the front end)

@@ -36,6 +36,7 @@ PROPOSER_CLS = "vllm_dllm_spec.denoise.BlockDiffusionProposer"
 VALIDATOR_CLS = "vllm_dllm_spec.denoise:RequestKnobsValidator"
 # additional_config key: most tokens (prompt + output) one request can reach in this engine
 ROOM_KEY = "dllm_spec_max_total_tokens"
+FIRST_STEP_KEY = "dllm_spec_first_step_tokens"  # MethodPlan.first_step_tokens, for the scheduler
 
 
 def _check_version() -> str:
@@ -106,6 +107,7 @@ def configure(vllm_config) -> None:
             f"one step feeds {num_spec} positions from an SDAR block start (block length "
             f"{model_block}); use max_model_len >= {num_spec + max(0, 2 - model_block)}")
     additional[ROOM_KEY] = room
+    additional[FIRST_STEP_KEY] = num_spec if plan.first_step_tokens is None else plan.first_step_tokens
     vllm_config.additional_config = additional
 
     worker_cls = configure_platform(vllm_config, current_platform, plan, cfg.method, model_block)

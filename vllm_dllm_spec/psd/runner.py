@@ -4,11 +4,14 @@ runner (`PSDModelRunner`) and a GPU one (`PSDGPUModelRunner`; see vllm_dllm_spec
 Per request the runner keeps (as one slot of `psd.slots.BlockSlots`) its in-progress block S
 and, once a forward has given the logits of S, the chain of states drafted from them
 (`reference.psd`: the remasking policy applied again and again to the same logits). One engine
-step = one forward over the request's region, `draft_depth` copies of its block (token indices
-block_start + c * B + j, positions block_start + j, each copy attending to the cached prefix and
-to itself only):
-- no chain yet (a block's first step): copy 0 = S, the other copies repeat it (unused);
-- otherwise: copy c = the chain's (c + 1)-th state, the last one repeated as padding.
+step = one forward over the request's region, the copies of its block that carry a state (token
+indices block_start + c * B + j, positions block_start + j, each copy attending to the cached
+prefix and to itself only; between 1 and `draft_depth` copies, so requests' regions differ in
+length and the region attention takes one layout per length):
+- no chain yet (a block's first step): one copy, S;
+- otherwise: copy c = the chain's (c + 1)-th state, for the chain's states that still have masks.
+The runner proposes each request's next region length (`_emit`), so vLLM schedules, and the
+model computes, no padding copies.
 `_sample` reads each copy's logits: the first step yields logits(S); a verify step keeps the
 deepest chain state the policy confirms (hierarchical acceptance). A state without masks is the
 finished block, emitted whole; otherwise the logits of the accepted state draft the next chain.
@@ -138,12 +141,6 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         if rows.size == 0:
             return
         num_tokens = batch.num_tokens_no_spec[rows].astype(np.int64)  # [R]
-        length = C * B - num_tokens % B  # [R] the region after the block's prompt tokens
-        bad = np.flatnonzero(n_spec[rows] != length)
-        if bad.size:
-            i = int(bad[0])
-            raise RuntimeError(f"PSD request {req_ids[rows[i]]}: {n_spec[rows[i]]} spec tokens scheduled, the region "
-                               f"needs {length[i]} (the hook sizes the token budget; a bug)")
         rids = [req_ids[i] for i in rows]
         slots = torch.tensor([self._slot_for(rid) for rid in rids])
         block_start = num_tokens // B * B
@@ -159,6 +156,13 @@ class PSDRunnerMixin(DLLMRunnerMixin):
             sl.block_start[ns], sl.step[ns], sl.chain_len[ns], sl.unmasked_at[ns] = step.block_start[new], 0, 0, -1
         step.copies, step.num_copies = sl.copies(slots)  # [R, C, B], [R]
         copies = step.copies
+        length = step.num_copies.numpy() * B - num_tokens % B  # [R] the live copies after the block's prompt tokens
+        bad = np.flatnonzero(n_spec[rows] != length)
+        if bad.size:
+            i = int(bad[0])
+            raise RuntimeError(f"{type(self).__name__} request {rids[i]}: {n_spec[rows[i]]} spec tokens scheduled, "
+                               f"its region needs {length[i]} (the runner proposed it and the hook sizes the "
+                               f"token budget; a bug)")
         # a step only ever reads predictions at the masks of the copies that carry a state (the
         # states a real step starts from); padding copies and unmasked positions are never read
         live = torch.arange(C)[None, :, None] < step.num_copies[:, None, None]  # [R, C, 1]
@@ -175,19 +179,26 @@ class PSDRunnerMixin(DLLMRunnerMixin):
     # -- positions (each copy at the block's positions) and the block-diagonal mask ----------
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         out = super()._prepare_inputs(scheduler_output, *args, **kwargs)
-        region_attention.CURRENT = None
+        region_attention.CURRENT = ()
         step = self._step
         if step is None:
             return out
-        B, D = self.block_length, self.depth
+        B = self.block_length
         starts = self.query_start_loc.cpu[step.rows].long() + step.block_start - step.num_computed  # [R]
-        region_index = starts[:, None] + torch.arange(D * B)  # [R, Q]
-        positions = step.block_start[:, None] + torch.arange(B).repeat(D)  # [R, Q]: every copy at the block
+        lengths = step.num_copies * B  # [R] region tokens
+        r = torch.repeat_interleave(torch.arange(len(lengths)), lengths)  # [sum lengths] token -> request
+        q = torch.arange(r.numel()) - (lengths.cumsum(0) - lengths)[r]  # [sum lengths] index in its region
         dev = self.positions.device
-        self.positions[region_index.flatten().to(dev)] = positions.flatten().to(dev, self.positions.dtype)
-        tables = self.input_batch.block_table[0].get_cpu_tensor()
-        region_attention.CURRENT = region_attention.block_copies_layout(
-            region_index, tables[step.rows], step.block_start, D, B).to(dev)
+        # every copy at the block's positions
+        self.positions[(starts[r] + q).to(dev)] = (step.block_start[r] + q % B).to(dev, self.positions.dtype)
+        tables = self.input_batch.block_table[0].get_cpu_tensor()[step.rows]
+        layouts = []
+        for c in torch.unique(step.num_copies).tolist():  # one rectangular layout per region length
+            g = (step.num_copies == c).nonzero()[:, 0]
+            region_index = starts[g, None] + torch.arange(c * B)  # [Rc, c * B]
+            layouts.append(region_attention.block_copies_layout(
+                region_index, tables[g], step.block_start[g], c, B).to(dev))
+        region_attention.CURRENT = tuple(layouts)
         return out
 
     # -- logits rows: only the read positions ------------------------------------------------
@@ -201,9 +212,9 @@ class PSDRunnerMixin(DLLMRunnerMixin):
             return super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
         rows = step.rows.numpy()
         r, q = (t.numpy() for t in step.read.nonzero(as_tuple=True))  # [M] request, region index
-        # the region is the last C * B - known tokens of a request: region index q is flat token
-        # cu_num_scheduled_tokens[row] - C * B + q
-        logits_index = (cu_num_scheduled_tokens[rows] - self.depth * self.block_length)[r] + q  # [M]
+        # the region is the last num_copies * B - known tokens of a request: region index q is
+        # flat token cu_num_scheduled_tokens[row] - num_copies * B + q
+        logits_index = (cu_num_scheduled_tokens[rows] - step.num_copies.numpy() * self.block_length)[r] + q  # [M]
         per_request = np.zeros(len(num_draft_tokens), dtype=np.int64)
         per_request[rows] = step.read.sum(1).numpy()
         return read_rows_metadata(self, num_draft_tokens, draft_indices(num_draft_tokens, cu_num_scheduled_tokens),
@@ -284,7 +295,7 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         lp[0][chosen], lp[1][chosen], lp[2][chosen] = ids, values, ranks
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
-        region_attention.CURRENT = None
+        region_attention.CURRENT = ()
         batch, B, C, mask_id, sl = self.input_batch, self.block_length, self.depth, self.mask_token_id, self.slots
         num_reqs = batch.num_reqs
         out = torch.full((num_reqs, B + 1), PLACEHOLDER, dtype=torch.int64)  # spare column: see worker.py
@@ -329,12 +340,14 @@ class PSDRunnerMixin(DLLMRunnerMixin):
 
     def _emit(self, step: Step, block: torch.Tensor, out: torch.Tensor, grid) -> None:
         """Finished blocks (no mask left in block [R, B]) become their rows of `out` (generated
-        tokens first), with their step_map and logprobs; every request's next region is masks:
-        the same block again, or the next block from its start."""
+        tokens first), with their step_map and logprobs; every request's next region is masks
+        (placeholders `_fill_regions` overwrites), as many as its next step's copies: the same
+        block's live chain states, or the next block's first step (one copy) from its start."""
         B, mask_id, sl = self.block_length, self.mask_token_id, self.slots
         done = ~(block == mask_id).any(1)  # [R]
         after = torch.where(done, step.block_start + B, step.num_tokens)  # [R] tokens before the next region
-        for row, n in zip(step.rows.tolist(), (self.depth * B - after % B).tolist()):
+        num_copies = torch.where(done, 1, sl.copies(step.slots)[1])  # [R] the next step's copies
+        for row, n in zip(step.rows.tolist(), (num_copies * B - after % B).tolist()):
             self._next_drafts[row] = [mask_id] * n
         if not bool(done.any()):
             return

@@ -189,7 +189,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
     # -- 2. positions (RoPE copy) and the reference-token mask --------------------------------
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         out = super()._prepare_inputs(scheduler_output, *args, **kwargs)
-        region_attention.CURRENT = None
+        region_attention.CURRENT = ()
         if not self._rounds:
             return out
         qsl = self.query_start_loc.cpu
@@ -213,15 +213,15 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
         region_index = torch.stack(idx)  # [R, Q]
         dev = self.positions.device
         self.positions[region_index.flatten().to(dev)] = torch.cat(pos).to(dev, self.positions.dtype)
-        region_attention.CURRENT = region_attention.simsd_layout(
+        region_attention.CURRENT = (region_attention.simsd_layout(
             region_index, torch.stack(kinds), torch.stack(steps), torch.stack(blocks),
             torch.stack([info.job.block_table for info in self._rounds.values()]),
-            torch.tensor([info.block_start for info in self._rounds.values()])).to(dev)
+            torch.tensor([info.block_start for info in self._rounds.values()])).to(dev),)
         return out
 
     # -- 4. verification ---------------------------------------------------------------------
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
-        region_attention.CURRENT = None
+        region_attention.CURRENT = ()
         batch = self.input_batch
         num_reqs = batch.num_reqs
         width = 2

@@ -5,14 +5,15 @@ from pathlib import Path
 
 from vllm_dllm_spec.methods import MethodPlan
 
-SCHEDULER_CLS = "vllm_dllm_spec.scheduler.BlockDiffusionScheduler"  # spec slots = the block copies
+SCHEDULER_CLS = "vllm_dllm_spec.scheduler.BlockDiffusionScheduler"  # spec slots = the live block copies
 WORKER_CLS = "vllm_dllm_spec.spiffy.runner.SpiffyWorker"
 GPU_WORKER_CLS = "vllm_dllm_spec.spiffy.runner.SpiffyGPUWorker"
 
 
 class Spiffy:
     """Spiffy (registered in vllm_dllm_spec.methods): the spec-token slots hold `graph_budget`
-    copies of the in-progress block, its exact state and the open draft states of the graph."""
+    copies of the in-progress block at most, its exact state and the open draft states of the
+    graph (a block's first step: the exact state alone)."""
 
     def plan(self, cfg, model_block: int, hf_config) -> MethodPlan:
         from vllm_dllm_spec.reference.spiffy import default_graph_path, load_graph
@@ -23,4 +24,5 @@ class Spiffy:
         path = default_graph_path(model_block, model_dir) if cfg.draft_graph == "default" else Path(cfg.draft_graph)
         # every process reads the same resolved file
         return MethodPlan(SCHEDULER_CLS, WORKER_CLS, cfg.graph_budget * model_block,
-                          {"draft_graph": str(path.resolve()), "graph_budget": cfg.graph_budget}, GPU_WORKER_CLS)
+                          {"draft_graph": str(path.resolve()), "graph_budget": cfg.graph_budget}, GPU_WORKER_CLS,
+                          first_step_tokens=model_block)

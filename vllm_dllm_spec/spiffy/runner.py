@@ -124,7 +124,7 @@ class SpiffyRunnerMixin(PSDRunnerMixin):
         return path_len, path, final
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
-        region_attention.CURRENT = None
+        region_attention.CURRENT = ()
         batch, B, mask_id, C, sl = self.input_batch, self.block_length, self.mask_token_id, self.depth, self.slots
         num_reqs = batch.num_reqs
         out = torch.full((num_reqs, B + 1), PLACEHOLDER, dtype=torch.int64)  # spare column: see worker.py
