@@ -12,8 +12,10 @@ One engine step of a SimSD request = one SimSD round (reference `reference.simsd
    token's position (RoPE copy; slots unchanged) and publish the reference-token mask layout
    for the attention (`region.CURRENT`).
 3. ONE target forward (vLLM's own).
-4. `_sample`: logits at the copies verify the drafts in position order (`ops.greedy_match` or
-   `ops.rejection_sample`); the accepted tokens + the target's token are the step's output.
+4. `_sample`: logits at the copies (the only rows the LM head computes,
+   `_calc_spec_decode_metadata`) verify the drafts in position order (`ops.greedy_match` over
+   all greedy requests at once, or `ops.rejection_sample` per sampled request); the accepted
+   tokens + the target's token are the step's output.
    The scheduler (inherited block-diffusion rule) then rolls num_computed_tokens back to the
    round's block start, so the next step re-feeds the finished blocks as the fused commit.
 """
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from vllm.v1.outputs import SamplerOutput
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -40,7 +44,7 @@ from vllm_dllm_spec.simsd.draft import (
     draft_round,
     split_draft_groups,
 )
-from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker
+from vllm_dllm_spec.worker import DLLMGPUWorker, DLLMRunnerMixin, DLLMWorker, draft_indices, read_rows_metadata
 
 # per-request keys that may override the engine option for one request (the draft's diffusion)
 REQUEST_DRAFT_KNOBS = ("denoising_steps", "remasking_strategy", "confidence_threshold", "eb_threshold")
@@ -65,10 +69,13 @@ class SimSDState:
 
 @dataclass
 class RoundInfo:
+    req_id: str
     row: int
     num_tokens: int
     block_start: int
     num_computed: int
+    num_blocks: int  # K
+    block_length: int  # B
     job: DraftJob
 
 
@@ -171,8 +178,8 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
                            block_table=block_table[i].clone(), params=st.params, knobs=st.knobs,
                            generator=self._host_generator(i, rid))
             jobs.append(job)
-            self._rounds[rid] = RoundInfo(i, num_tokens, block_start,
-                                          int(batch.num_computed_tokens_cpu[i]), job)
+            self._rounds[rid] = RoundInfo(rid, i, num_tokens, block_start, int(batch.num_computed_tokens_cpu[i]),
+                                          st.params.num_draft_blocks, B, job)
         draft_round(self.draft, jobs, self.mask_token_id)
         for rid, info in self._rounds.items():
             st, job = self.simsd_states[rid], info.job
@@ -219,88 +226,97 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
             torch.tensor([info.block_start for info in self._rounds.values()])).to(dev),)
         return out
 
+    # -- 3. logits rows: only the mask copies of the drafted positions --------------------------
+    def _calc_spec_decode_metadata(self, num_draft_tokens: np.ndarray,
+                                   cu_num_scheduled_tokens: np.ndarray) -> SpecDecodeMetadata:
+        """The logits rows of the step are the mask copies of every request's drafted positions,
+        in position order (all that verification reads): the LM head and the row gather skip the
+        data rows and vLLM's AR target / bonus rows."""
+        if not self._rounds:  # prompt chunks only
+            return super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
+        index, per_request = [], np.zeros(len(num_draft_tokens), dtype=np.int64)
+        for info in self._rounds.values():
+            K, B, known = info.num_blocks, info.block_length, info.num_tokens - info.block_start
+            d = np.arange(known, K * B)  # drafted data positions of the region
+            # the region [data_0 | copies_0 | ...] is the request's last 2KB tokens
+            index.append(cu_num_scheduled_tokens[info.row] - 2 * K * B + 2 * (d // B) * B + B + d % B)
+            per_request[info.row] = d.size
+        return read_rows_metadata(self, num_draft_tokens, draft_indices(num_draft_tokens, cu_num_scheduled_tokens),
+                                  np.concatenate(index), per_request)
+
     # -- 4. verification ---------------------------------------------------------------------
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
+        """logits [M, V]: the copy rows of `_calc_spec_decode_metadata`, request by request."""
         region_attention.CURRENT = ()
         batch = self.input_batch
         num_reqs = batch.num_reqs
         width = 2
-        for rid in self._rounds:
-            p = self.simsd_states[rid].params
-            width = max(width, p.num_draft_blocks * p.draft.block_length + 1)
+        for info in self._rounds.values():
+            width = max(width, info.num_blocks * info.block_length + 1)
         out = torch.full((num_reqs, width), PLACEHOLDER, dtype=torch.int64)
         self._next_drafts = [[] for _ in range(num_reqs)]
         self._step_records = {}
         if spec_decode_metadata is None or not self._rounds:
             return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
-        spec_logits = logits[spec_decode_metadata.target_logits_indices + 1]  # [T, V]
-        offsets = [0]
-        for n in spec_decode_metadata.num_draft_tokens:
-            offsets.append(offsets[-1] + n)
-        greedy_rows, greedy_d, greedy_t = [], [], []
-        results: dict[str, tuple[int, int]] = {}
+        infos = list(self._rounds.values())
+        R = len(infos)
+        n = torch.tensor([info.num_blocks * info.block_length - (info.num_tokens - info.block_start)
+                          for info in infos])  # [R] drafted positions
+        starts = (n.cumsum(0) - n).tolist()
+        drafts = torch.full((R, int(n.max())), -1, dtype=torch.int64)  # [R, n_max] the drafted tokens
+        for r, info in enumerate(infos):
+            drafts[r, : int(n[r])] = info.job.tokens[info.num_tokens - info.block_start:]
+        # verification runs on the host (the draft's distributions live there)
+        copy_logits = exclude_mask_token(logits[: int(n.sum())].cpu(), self.mask_token_id)  # [M, V]
+        accepted = torch.zeros(R, dtype=torch.int64)
+        nxt = torch.full((R,), -1, dtype=torch.int64)
+        greedy = torch.tensor([self.simsd_states[rid].params.verification == "greedy_match" for rid in self._rounds])
+        if bool(greedy.any()):
+            g = greedy.nonzero()[:, 0]
+            rows = torch.repeat_interleave(torch.arange(R), n)  # [M] request of every row
+            cols = torch.arange(rows.numel()) - (n.cumsum(0) - n)[rows]
+            target = torch.full((R, drafts.shape[1] + 1), -1, dtype=torch.int64)  # no bonus column
+            target[rows, cols] = copy_logits.argmax(-1)
+            accepted[g], nxt[g] = ops.greedy_match(drafts[g], n[g], target[g], n[g])
+        for r in (~greedy).nonzero()[:, 0].tolist():  # MRS: each request on its own generator
+            info, st = infos[r], self.simsd_states[infos[r].req_id]
+            job, k = info.job, int(n[r])
+            rows_logits = copy_logits[starts[r]: starts[r] + k]  # [k, V]
+            p_target = sampling_probs(rows_logits, st.knobs)
+            p_target = torch.cat([p_target, torch.zeros_like(p_target[:1])])[None]
+            known = info.num_tokens - info.block_start
+            q = job.probs[known:] if job.probs is not None else torch.nn.functional.one_hot(
+                drafts[r, :k], p_target.shape[-1]).to(p_target.dtype)
+            a, t = ops.rejection_sample(
+                drafts[r, None, :k], n[r, None], q[None], p_target, n[r, None],
+                torch.rand(1, k, generator=job.generator, dtype=p_target.dtype),
+                torch.rand(1, generator=job.generator, dtype=p_target.dtype))
+            accepted[r], nxt[r] = a, t
+        # the step's tokens: the accepted drafts, then the target's token at the first rejection
+        cols = torch.arange(drafts.shape[1] + 1)
+        padded = torch.cat([drafts, torch.full((R, 1), -1, dtype=torch.int64)], 1)
+        new = torch.where(cols < accepted[:, None], padded,
+                          torch.where(cols == accepted[:, None], nxt[:, None], PLACEHOLDER))  # [R, n_max + 1]
+        num_new = accepted + (nxt >= 0)  # [R]
+        rows_out = torch.tensor([info.row for info in infos])
+        out[rows_out, : new.shape[1]] = new
         grid = step_logprobs([self.requests[r].sampling_params for r in batch.req_ids[:num_reqs]],
                              self.vocab_size, width)
-        verify_logits: dict[str, torch.Tensor] = {}  # [n, V] of the requests that ask for logprobs
-        for rid, info in self._rounds.items():
+        for r, (rid, info) in enumerate(self._rounds.items()):
             st, job = self.simsd_states[rid], info.job
-            K, B = st.params.num_draft_blocks, st.params.draft.block_length
-            known = info.num_tokens - info.block_start
-            d = torch.arange(known, K * B)  # drafted data positions (in-region rank order)
-            copy_rows = offsets[info.row] + 2 * (d // B) * B + B + d % B - known
-            # verification runs on the host (the draft's distributions live there)
-            copy_logits = exclude_mask_token(spec_logits[copy_rows.to(spec_logits.device)].cpu(),
-                                             self.mask_token_id)  # [n, V]
-            d_tokens = job.tokens[known:]
-            n = d_tokens.numel()
-            if grid is not None and requested(self.requests[rid].sampling_params, self.vocab_size) is not None:
-                verify_logits[rid] = copy_logits
-            if st.params.verification == "greedy_match":
-                greedy_rows.append(rid)
-                greedy_d.append(d_tokens)
-                greedy_t.append(copy_logits.argmax(-1))
-            else:
-                gen = job.generator
-                p_target = sampling_probs(copy_logits, st.knobs)
-                p_target = torch.cat([p_target, torch.zeros_like(p_target[:1])])[None]
-                q = job.probs[known:] if job.probs is not None else torch.nn.functional.one_hot(
-                    d_tokens, p_target.shape[-1]).to(p_target.dtype)
-                a, nxt = ops.rejection_sample(
-                    d_tokens[None], torch.tensor([n]), q[None], p_target, torch.tensor([n]),
-                    torch.rand(1, n, generator=gen, dtype=p_target.dtype),
-                    torch.rand(1, generator=gen, dtype=p_target.dtype))
-                results[rid] = (int(a), int(nxt))
-        if greedy_rows:
-            R = len(greedy_rows)
-            nmax = max(t.numel() for t in greedy_d)
-            dd = torch.full((R, nmax), -1, dtype=torch.long)
-            tt = torch.full((R, nmax + 1), -1, dtype=torch.long)
-            nn_ = torch.tensor([t.numel() for t in greedy_d])
-            for r in range(R):
-                dd[r, : greedy_d[r].numel()] = greedy_d[r]
-                tt[r, : greedy_t[r].numel()] = greedy_t[r]
-            acc, nxt = ops.greedy_match(dd, nn_, tt, nn_)
-            for r, rid in enumerate(greedy_rows):
-                results[rid] = (int(acc[r]), int(nxt[r]))
-        for rid, info in self._rounds.items():
-            st, job = self.simsd_states[rid], info.job
-            K, B = st.params.num_draft_blocks, st.params.draft.block_length
-            known = info.num_tokens - info.block_start
-            a, nxt = results[rid]
-            new = job.tokens[known: known + a].tolist() + ([nxt] if nxt >= 0 else [])
-            out[info.row, : len(new)] = torch.tensor(new)
-            if rid in verify_logits:  # every new token's distribution: the target's at its copy
-                k = requested(self.requests[rid].sampling_params, self.vocab_size)
-                grid.put(info.row, slice(0, len(new)), *gather(verify_logits[rid][: len(new)], torch.tensor(new), k))
+            K, B = info.num_blocks, info.block_length
+            a, m = int(accepted[r]), int(num_new[r])
+            k = requested(self.requests[rid].sampling_params, self.vocab_size) if grid is not None else None
+            if k is not None:  # every new token's distribution: the target's at its copy
+                grid.put(info.row, slice(0, m), *gather(copy_logits[starts[r]: starts[r] + m], new[r, :m], k))
             drafted = job.labels > 0
-            n = int(drafted.sum())
-            st.drafted.append(n)
+            num_drafted = int(drafted.sum())
+            st.drafted.append(num_drafted)
             st.accepted.append(a)
             whole = int((drafted.view(K, B).sum(1).cumsum(0) <= a).sum())
             st.draft_len = min(st.draft_len, info.block_start + whole * B)
-            self._next_drafts[info.row] = [self.mask_token_id] * region_length(
-                st.params, info.num_tokens + len(new))
-            self._step_records[rid] = (n, a, job.forwards)
+            self._next_drafts[info.row] = [self.mask_token_id] * region_length(st.params, info.num_tokens + m)
+            self._step_records[rid] = (num_drafted, a, job.forwards)
         return SamplerOutput(sampled_token_ids=out.to(torch.int32),
                              logprobs_tensors=None if grid is None else grid.tensors())
 
