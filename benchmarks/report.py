@@ -45,7 +45,11 @@ def phases_lines(data: dict, plot_rel: str | None) -> list[str]:
 
 
 def throughput_section(data: dict, plot_rel: str | None, phases_plot_rel: str | None = None) -> list[str]:
-    lines = ["### Offline throughput (`benchmarks/throughput.py`)", "", where(data) + f"; generation length {data['gen_length']}.", "",
+    reps = {r["batch"]: r["repetitions"] for r in data["results"] if "repetitions" in r}
+    reps_text = ("; tokens/s is the median of the methods' interleaved runs ("
+                 + ", ".join(f"{n} at batch {b}" for b, n in sorted(reps.items())) + ")") if reps else ""
+    lines = ["### Offline throughput (`benchmarks/throughput.py`)", "",
+             where(data) + f"; generation length {data['gen_length']}{reps_text}.", "",
              "| block | batch | method | tokens/s | tokens/forward | forwards/request | draft fwd/token | "
              "accepted/round | vs ar | vs dynamic | vs vllm_ar |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

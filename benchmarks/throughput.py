@@ -44,8 +44,9 @@ import common  # noqa: E402  (sets the vLLM environment before vLLM is imported)
 from phases import PHASES, PhaseProfiler  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(blocks=[4], batches=[1, 4], gen_length=16, reps=1),
-    "default": dict(blocks=[4, 8], batches=[1, 8, 32], gen_length=64, reps=3),
+    "smoke": dict(blocks=[4], batches=[1, 4], gen_length=16, reps={1: 1, 4: 1}),
+    # repetitions per batch size: a batch-1 run takes ~0.1 s, so its median needs more of them
+    "default": dict(blocks=[4, 8], batches=[1, 8, 32], gen_length=64, reps={1: 9, 8: 5, 32: 3}),
 }
 
 
@@ -211,7 +212,7 @@ def main(argv=None) -> dict:
     results = []
     per_block = len(methods(4)) + len(speculative_methods(4, draft_dir, model_dir)) + 1  # + vllm_ar
     qwen3_dir = as_qwen3_checkpoint(model_dir)
-    bar = tqdm(total=len(preset["blocks"]) * per_block * len(preset["batches"]) * preset["reps"],
+    bar = tqdm(total=len(preset["blocks"]) * per_block * sum(preset["reps"].values()),
                desc="throughput", unit="run")
     for block in preset["blocks"]:
         target = common.model_at_block(model_dir, block)
@@ -228,7 +229,7 @@ def main(argv=None) -> dict:
             run_batch(llm, all_prompts[:2], 8, {})  # warm-up
         for batch in preset["batches"]:
             runs: dict[str, list[dict]] = {name: [] for name in runs_of}
-            for _ in range(preset["reps"]):
+            for _ in range(preset["reps"][batch]):
                 for name, (engine, extra) in runs_of.items():
                     runs[name].append(run_batch(engines[engine], all_prompts[:batch], preset["gen_length"], extra))
                     bar.update()
