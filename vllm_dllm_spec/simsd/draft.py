@@ -28,7 +28,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_dllm_spec.config import REMASKING_STRATEGIES, SimSDParams, SamplingKnobs
 from vllm_dllm_spec.denoise import predict_greedy, select_to_unmask
-from vllm_dllm_spec.reference.generate import exclude_mask_token, predict
+from vllm_dllm_spec.reference.generate import predict
 from vllm_dllm_spec.region import cache_slots
 
 # the draft's module prefix: its attention layers are "dllm_draft.model.layers.{i}.self_attn.attn"
@@ -88,13 +88,15 @@ class VllmDraftModel:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, query_lens: torch.Tensor, first_pos: torch.Tensor,
-                block_tables: torch.Tensor, block_length: int) -> torch.Tensor:
+                block_tables: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """One batched forward. Request r's query: query_lens[r] tokens of `ids` (flat [T]; its
         uncommitted tokens, then its block) at positions first_pos[r] + i, block-causal (the
         backend's split) over its cached positions < first_pos[r] and itself; vLLM writes the
-        query's KV through the slots. Returns the logits of every request's block, its last
-        block_length query tokens: [R, B, V] float32 on the host."""
-        R, B, n = query_lens.numel(), block_length, query_lens
+        query's KV through the slots. read [R, B] bool: the block positions (the last B query
+        tokens of each request) whose logits the policy reads. Returns their logits, request by
+        request in position order: [read.sum(), V] float32 on the host (the LM head skips the
+        other rows)."""
+        R, B, n = query_lens.numel(), read.shape[1], query_lens
         qsl = torch.zeros(R + 1, dtype=torch.int32)
         qsl[1:] = n.cumsum(0)
         T = int(qsl[-1])
@@ -116,9 +118,8 @@ class VllmDraftModel:
         with set_forward_context(metadata, self.vllm_config, num_tokens=T,
                                  slot_mapping=dict.fromkeys(self.layer_names, slots_dev)):
             hidden = self.model(input_ids=ids.to(dev), positions=pos_dev)  # [T, hidden]
-        rows = (qsl[1:, None].long() - B + torch.arange(B)).flatten()  # [R * B] every block's rows
-        logits = self.model.compute_logits(hidden[rows.to(dev)])  # [R * B, V]
-        return logits.float().cpu().view(R, B, -1)
+        rows = (qsl[1:, None].long() - B + torch.arange(B))[read]  # [N] the read rows of every block
+        return self.model.compute_logits(hidden[rows.to(dev)]).float().cpu()  # [N, V]
 
 
 @dataclass
@@ -189,22 +190,28 @@ def draft_round(draft: VllmDraftModel, jobs: list[DraftJob], mask_id: int) -> No
             valid = torch.cat([has_prev[idx, None].expand(-1, B), torch.ones(len(idx), B, dtype=torch.bool)], 1)
             ids = rows[valid]
             query_lens = B + B * has_prev[idx].long()
-        logits = draft.forward(ids, query_lens, draft_len[idx], tables[idx], B)
-        block_logits = exclude_mask_token(logits, mask_id)  # [A, B, V]
-        A, V = len(idx), block_logits.shape[-1]
+        current = blocks[idx]
+        is_mask = current == mask_id  # [A, B]
+        g = greedy[idx]  # [A]
+        # a greedy policy reads only the masks' predictions; a sampled block draws all B rows
+        # (the reference's random stream), so its logits are read whole
+        read = is_mask | ~g[:, None]  # [A, B]
+        logits = draft.forward(ids, query_lens, draft_len[idx], tables[idx], read)  # [N, V]
+        logits[:, mask_id] = float("-inf")  # never a prediction (reference `exclude_mask_token`)
+        A = len(idx)
+        row_of = torch.full((A, B), -1, dtype=torch.long)  # [A, B] logits row of every read position
+        row_of[read] = torch.arange(logits.shape[0])
         token = torch.zeros(A, B, dtype=torch.long)
         conf = torch.zeros(A, B)
         ent = torch.zeros(A, B)
-        g = greedy[idx]  # [A]
-        if bool(g.any()):
-            t, c, e = predict_greedy(block_logits[g].reshape(-1, V), need_entropy)
-            token[g], conf[g], ent[g] = t.view(-1, B), c.view(-1, B), e.view(-1, B)
+        greedy_masks = is_mask & g[:, None]  # [A, B]
+        if bool(greedy_masks.any()):
+            token[greedy_masks], conf[greedy_masks], ent[greedy_masks] = predict_greedy(
+                logits[row_of[greedy_masks]], need_entropy)
         draws = {}
         for a in (~g).nonzero().squeeze(1).tolist():  # the reference's predict per block (its random stream)
             r = int(idx[a])
-            token[a], conf[a], ent[a], draws[r] = predict(block_logits[a], jobs[r].knobs, jobs[r].generator)
-        current = blocks[idx]
-        is_mask = current == mask_id  # [A, B]
+            token[a], conf[a], ent[a], draws[r] = predict(logits[row_of[a]], jobs[r].knobs, jobs[r].generator)
         k_t = torch.minimum(transfer[idx, step[idx].clamp(max=transfer.shape[1] - 1)], is_mask.sum(1))
         chosen = select_to_unmask(strategy[idx], k_t, threshold[idx], eb_threshold[idx], is_mask, conf, ent)
         blocks[idx] = torch.where(chosen, token, current)
