@@ -24,8 +24,8 @@ whose rows `ops.region_attention` recomputes and overwrites after the kernel. Th
 at the region's first token, and every segment of the region gets seq_len = its own query length:
 a valid non-causal request reading only that many keys (qlen x qlen instead of qlen x prefix;
 its output is overwritten). The step's region starts come from the layouts the runner publishes
-(`region.CURRENT`, their `region_start` on the host), read only by builders whose layers all carry the region
-fix-up (the SimSD draft's builders never do).
+(`region.CURRENT`, their `region_start` on the host), read only by builders whose layers all
+carry the region fix-up (the SimSD draft's builders never do).
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ class BlockCausalBuilderMixin:
 
     def _region_start(self, cm) -> np.ndarray | None:
         """[num_reqs] flat index of each request's first verify-region token (its query end: no
-        region) from the layout the runner published for this step; None unless every layer
+        region) from the layouts the runner published for this step; None unless every layer
         of this builder overwrites the region rows (the SimSD draft's layers do not)."""
         if not region.CURRENT:
             return None

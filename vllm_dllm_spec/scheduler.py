@@ -13,9 +13,9 @@ Contract with vLLM's scheduler (v1/core/sched/scheduler.py, vLLM 0.32):
   full blocks and the first denoising step are one forward too.
 - Prompt chunks (chunked prefill) end on an SDAR block boundary, so block-causal attention of a
   later chunk sees complete blocks.
-- Context limit: a step feeds at most num_speculative_tokens positions from the in-progress block's start and
-  appends no sampled token after them, so the last one may sit at max_model_len - 1 (vLLM's
-  cap keeps a slot free for an AR sample). A request's max_tokens is cut to what fits
+- Context limit: a step feeds at most num_speculative_tokens positions from the in-progress
+  block's start and appends no sampled token after them, so the last one may sit at
+  max_model_len - 1 (vLLM's cap keeps a slot free for an AR sample). A request's max_tokens is cut to what fits
   (`methods.max_total_tokens`; it ends with "length", as at vLLM's context limit); prompts
   leaving no room are refused at the front end (`vllm_hooks`).
 """

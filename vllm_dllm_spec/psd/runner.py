@@ -156,7 +156,7 @@ class PSDRunnerMixin(DLLMRunnerMixin):
             sl.block_start[ns], sl.step[ns], sl.chain_len[ns], sl.unmasked_at[ns] = step.block_start[new], 0, 0, -1
         step.copies, step.num_copies = sl.copies(slots)  # [R, C, B], [R]
         copies = step.copies
-        length = step.num_copies.numpy() * B - num_tokens % B  # [R] the live copies after the block's prompt tokens
+        length = step.num_copies.numpy() * B - num_tokens % B  # [R] the copies after the block's prompt tokens
         bad = np.flatnonzero(n_spec[rows] != length)
         if bad.size:
             i = int(bad[0])

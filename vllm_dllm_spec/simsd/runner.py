@@ -78,6 +78,10 @@ class RoundInfo:
     block_length: int  # B
     job: DraftJob
 
+    @property
+    def known(self) -> int:  # the block's tokens before the round (prompt or accepted)
+        return self.num_tokens - self.block_start
+
 
 class SimSDRunnerMixin(DLLMRunnerMixin):
     def __init__(self, vllm_config, device):
@@ -188,8 +192,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
             st.draft_forwards += job.forwards
             data = job.tokens.view(K, B)
             region = torch.cat([data, torch.full_like(data, self.mask_token_id)], dim=1).flatten()
-            known = info.num_tokens - info.block_start
-            values = region[known:].tolist()
+            values = region[info.known:].tolist()
             batch.token_ids_cpu[info.row, info.num_tokens: info.num_tokens + len(values)] = values
             batch.spec_token_ids[info.row][:] = values
 
@@ -236,8 +239,8 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
             return super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
         index, per_request = [], np.zeros(len(num_draft_tokens), dtype=np.int64)
         for info in self._rounds.values():
-            K, B, known = info.num_blocks, info.block_length, info.num_tokens - info.block_start
-            d = np.arange(known, K * B)  # drafted data positions of the region
+            K, B = info.num_blocks, info.block_length
+            d = np.arange(info.known, K * B)  # drafted data positions of the region
             # the region [data_0 | copies_0 | ...] is the request's last 2KB tokens
             index.append(cu_num_scheduled_tokens[info.row] - 2 * K * B + 2 * (d // B) * B + B + d % B)
             per_request[info.row] = d.size
@@ -260,23 +263,23 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
             return SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
         infos = list(self._rounds.values())
         R = len(infos)
-        n = torch.tensor([info.num_blocks * info.block_length - (info.num_tokens - info.block_start)
-                          for info in infos])  # [R] drafted positions
-        starts = (n.cumsum(0) - n).tolist()
+        n = torch.tensor([info.num_blocks * info.block_length - info.known for info in infos])  # [R] drafted
+        starts = (n.cumsum(0) - n).tolist()  # each request's first logits row
         drafts = torch.full((R, int(n.max())), -1, dtype=torch.int64)  # [R, n_max] the drafted tokens
         for r, info in enumerate(infos):
-            drafts[r, : int(n[r])] = info.job.tokens[info.num_tokens - info.block_start:]
+            drafts[r, : int(n[r])] = info.job.tokens[info.known:]
         # verification runs on the host (the draft's distributions live there)
         copy_logits = exclude_mask_token(logits[: int(n.sum())].cpu(), self.mask_token_id)  # [M, V]
         accepted = torch.zeros(R, dtype=torch.int64)
         nxt = torch.full((R,), -1, dtype=torch.int64)
-        greedy = torch.tensor([self.simsd_states[rid].params.verification == "greedy_match" for rid in self._rounds])
+        greedy = torch.tensor([self.simsd_states[info.req_id].params.verification == "greedy_match"
+                               for info in infos])  # [R]
         if bool(greedy.any()):
             g = greedy.nonzero()[:, 0]
-            rows = torch.repeat_interleave(torch.arange(R), n)  # [M] request of every row
-            cols = torch.arange(rows.numel()) - (n.cumsum(0) - n)[rows]
+            row_req = torch.repeat_interleave(torch.arange(R), n)  # [M] request of every logits row
+            row_col = torch.arange(row_req.numel()) - (n.cumsum(0) - n)[row_req]  # [M] its drafted rank
             target = torch.full((R, drafts.shape[1] + 1), -1, dtype=torch.int64)  # no bonus column
-            target[rows, cols] = copy_logits.argmax(-1)
+            target[row_req, row_col] = copy_logits.argmax(-1)
             accepted[g], nxt[g] = ops.greedy_match(drafts[g], n[g], target[g], n[g])
         for r in (~greedy).nonzero()[:, 0].tolist():  # MRS: each request on its own generator
             info, st = infos[r], self.simsd_states[infos[r].req_id]
@@ -284,8 +287,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
             rows_logits = copy_logits[starts[r]: starts[r] + k]  # [k, V]
             p_target = sampling_probs(rows_logits, st.knobs)
             p_target = torch.cat([p_target, torch.zeros_like(p_target[:1])])[None]
-            known = info.num_tokens - info.block_start
-            q = job.probs[known:] if job.probs is not None else torch.nn.functional.one_hot(
+            q = job.probs[info.known:] if job.probs is not None else torch.nn.functional.one_hot(
                 drafts[r, :k], p_target.shape[-1]).to(p_target.dtype)
             a, t = ops.rejection_sample(
                 drafts[r, None, :k], n[r, None], q[None], p_target, n[r, None],
