@@ -7,7 +7,8 @@ and, once a forward has given the logits of S, the chain of states drafted from 
 step = one forward over the request's region, the copies of its block that carry a state (token
 indices block_start + c * B + j, positions block_start + j, each copy attending to the cached
 prefix and to itself only; between 1 and `draft_depth` copies, so requests' regions differ in
-length and the region attention takes one layout per length):
+length. Copy 0 is a plain block for the normal kernel; copies 1.. go through the region
+attention, one layout per length):
 - no chain yet (a block's first step): one copy, S;
 - otherwise: copy c = the chain's (c + 1)-th state, for the chain's states that still have masks.
 The runner proposes each request's next region length (`_emit`), so vLLM schedules, and the
@@ -191,13 +192,18 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         dev = self.positions.device
         # every copy at the block's positions
         self.positions[(starts[r] + q).to(dev)] = (step.block_start[r] + q % B).to(dev, self.positions.dtype)
+        # Copy 0 sees the prefix and itself: a plain block, which the normal kernel computes
+        # (block-causal split). Only copies 1.. (each blind to the others) need the region op, so
+        # a one-copy request (every block's first step) has no region at all.
         tables = self.input_batch.block_table[0].get_cpu_tensor()[step.rows]
         layouts = []
         for c in torch.unique(step.num_copies).tolist():  # one rectangular layout per region length
+            if c == 1:
+                continue
             g = (step.num_copies == c).nonzero()[:, 0]
-            region_index = starts[g, None] + torch.arange(c * B)  # [Rc, c * B]
+            region_index = starts[g, None] + B + torch.arange((c - 1) * B)  # [Rc, (c - 1) * B] copies 1..
             layouts.append(region_attention.block_copies_layout(
-                region_index, tables[g], step.block_start[g], c, B).to(dev))
+                region_index, tables[g], step.block_start[g], c - 1, B).to(dev))
         region_attention.CURRENT = tuple(layouts)
         return out
 
