@@ -28,7 +28,8 @@ layout per region length, since a layout is rectangular ([R, Q]) and PSD's / Spi
 feed only the block copies that carry a state (1 .. C copies each), one op call per length.
 PSD's (and Spiffy's) verify step uses the same op with block copies (one per drafted state,
 each seeing only itself and the prefix), expressed in the same triples
-(`ops.block_copies_triples`).
+(`ops.block_copies_triples`); their copy 0 is a plain block, left to the normal kernel, so only
+copies 1.. form the region.
 """
 from __future__ import annotations
 
