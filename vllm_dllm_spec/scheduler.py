@@ -42,7 +42,7 @@ class BlockDiffusionScheduler(Scheduler):
         # first_step_tokens (block diffusion: the block; SimSD: its verify region; PSD / Spiffy:
         # one block copy). A request finishing its prompt gets them less its leftover prompt
         # tokens; keep room for them.
-        self.first_spec_slots = int(vllm_config.additional_config.get(FIRST_STEP_KEY, self.num_spec_tokens))
+        self.first_spec_slots = int(vllm_config.additional_config[FIRST_STEP_KEY])
         self.num_lookahead_tokens = max(self.num_lookahead_tokens, self.first_spec_slots)
         # most tokens one request can hold (computed by the config hook, which also refuses
         # prompts without room at the front end)

@@ -352,7 +352,7 @@ class PSDRunnerMixin(DLLMRunnerMixin):
         B, mask_id, sl = self.block_length, self.mask_token_id, self.slots
         done = ~(block == mask_id).any(1)  # [R]
         after = torch.where(done, step.block_start + B, step.num_tokens)  # [R] tokens before the next region
-        num_copies = torch.where(done, 1, sl.copies(step.slots)[1])  # [R] the next step's copies
+        num_copies = torch.where(done, 1, sl.num_copies(step.slots))  # [R] the next step's copies
         for row, n in zip(step.rows.tolist(), (num_copies * B - after % B).tolist()):
             self._next_drafts[row] = [mask_id] * n
         if not bool(done.any()):

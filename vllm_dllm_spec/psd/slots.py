@@ -89,12 +89,20 @@ class BlockSlots:
         return PolicyTable(self.strategy[slots], self.threshold[slots], self.eb_threshold[slots],
                            self.transfer[slots])
 
+    def _live(self, slots: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
+        """[R] how many of the chain's states (chain = self.chain[slots], [R, C, B]) still have
+        masks (a prefix of it)."""
+        return ((torch.arange(self.C) < self.chain_len[slots, None]) & (chain == self.mask_id).any(-1)).sum(1)
+
+    def num_copies(self, slots: torch.Tensor) -> torch.Tensor:
+        """[R] the copies the next forward evaluates (`copies`' count) without building them."""
+        return self._live(slots, self.chain[slots]).clamp(min=1)
+
     def copies(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the next forward evaluates: the chain's states that still have masks (a prefix
         of it), else S alone, padded by repeating the last -> (copies [R, C, B], count [R])."""
         chain, block = self.chain[slots], self.block[slots]  # [R, C, B], [R, B]
-        live = (torch.arange(self.C) < self.chain_len[slots, None]) & (chain == self.mask_id).any(-1)  # [R, C]
-        count = live.sum(1)  # [R]
+        count = self._live(slots, chain)  # [R]
         chain = torch.where((count > 0)[:, None, None], chain, block[:, None, :])
         pick = torch.minimum(torch.arange(self.C)[None, :], (count.clamp(min=1) - 1)[:, None])  # [R, C]
         return chain.gather(1, pick[..., None].expand(-1, -1, self.B)), count.clamp(min=1)

@@ -187,7 +187,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
         draft_round(self.draft, jobs, self.mask_token_id)
         for rid, info in self._rounds.items():
             st, job = self.simsd_states[rid], info.job
-            K, B = st.params.num_draft_blocks, st.params.draft.block_length
+            K, B = info.num_blocks, info.block_length
             st.draft_len = job.draft_len
             st.draft_forwards += job.forwards
             data = job.tokens.view(K, B)
@@ -207,7 +207,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
         Q = None
         for rid, info in self._rounds.items():
             st = self.simsd_states[rid]
-            K, B = st.params.num_draft_blocks, st.params.draft.block_length
+            K, B = info.num_blocks, info.block_length
             q = 2 * K * B
             if Q is None:
                 Q = q
@@ -264,7 +264,8 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
         infos = list(self._rounds.values())
         R = len(infos)
         n = torch.tensor([info.num_blocks * info.block_length - info.known for info in infos])  # [R] drafted
-        starts = (n.cumsum(0) - n).tolist()  # each request's first logits row
+        first_row = n.cumsum(0) - n  # [R] each request's first logits row
+        starts = first_row.tolist()
         drafts = torch.full((R, int(n.max())), -1, dtype=torch.int64)  # [R, n_max] the drafted tokens
         for r, info in enumerate(infos):
             drafts[r, : int(n[r])] = info.job.tokens[info.known:]
@@ -277,7 +278,7 @@ class SimSDRunnerMixin(DLLMRunnerMixin):
         if bool(greedy.any()):
             g = greedy.nonzero()[:, 0]
             row_req = torch.repeat_interleave(torch.arange(R), n)  # [M] request of every logits row
-            row_col = torch.arange(row_req.numel()) - (n.cumsum(0) - n)[row_req]  # [M] its drafted rank
+            row_col = torch.arange(row_req.numel()) - first_row[row_req]  # [M] its drafted rank
             target = torch.full((R, drafts.shape[1] + 1), -1, dtype=torch.int64)  # no bonus column
             target[row_req, row_col] = copy_logits.argmax(-1)
             accepted[g], nxt[g] = ops.greedy_match(drafts[g], n[g], target[g], n[g])
